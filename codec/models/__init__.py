@@ -1,0 +1,8 @@
+"""Autoencoder families (KL and tiny), presets, and loading from the checkpoints users have."""
+
+from .autoencoder import Autoencoder
+from .config import PRESETS, KLConfig, TinyConfig, preset
+from .loading import DEFAULT_MODEL, build, config_to_json, load_model
+
+__all__ = ["Autoencoder", "PRESETS", "KLConfig", "TinyConfig", "preset", "build", "load_model",
+           "config_to_json", "DEFAULT_MODEL"]

@@ -1,0 +1,104 @@
+"""One interface over both families: images in [-1,1] <-> scaled latents."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .config import KLConfig, ModelConfig, TinyConfig
+from .kl import KLNetwork
+from .tiny import tiny_decoder, tiny_encoder
+
+
+class Autoencoder(nn.Module):
+    """An image autoencoder with the latent conventions of the diffusion model it serves.
+
+    ``encode``: x (N,3,H,W) float in [-1,1], H and W multiples of ``downscale`` ->
+    z (N,C,H/8,W/8) scaled latents, ``(mode - shift) * scaling`` (or a sample with ``sample=True``).
+    ``decode``: scaled latents -> (N,3,H,W) float, nominally [-1,1] (not clamped).
+
+    On half precision a batch whose result is not finite (SDXL's VAE overflows in fp16) is
+    recomputed in fp32 and returned in fp32; the first time this warns, and ``fp32_fallbacks``
+    counts such batches (reported by the pipeline).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        if isinstance(cfg, KLConfig):
+            self.net = KLNetwork(cfg)
+        elif isinstance(cfg, TinyConfig):
+            self.encoder, self.decoder = tiny_encoder(cfg), tiny_decoder(cfg)
+        else:
+            raise TypeError(f"expected a KLConfig or TinyConfig, got {type(cfg).__name__}")
+        self.fp32_fallbacks = 0
+        self.source = "untrained"  # where the weights came from, set by the loader
+
+    # Attributes the rest of the codec reads.
+    name = property(lambda self: self.config.name)
+    family = property(lambda self: self.config.family)
+    latent_channels = property(lambda self: self.config.latent_channels)
+    downscale = property(lambda self: self.config.downscale)
+    scaling_factor = property(lambda self: self.config.scaling_factor)
+    shift_factor = property(lambda self: self.config.shift_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- raw passes (unscaled, no fallback) ---------------------------------------------
+    def _encode_raw(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if self.family == "tiny":
+            return self.encoder((x + 1) / 2)
+        mean, logvar = self.net.encode_moments(x)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        if self.family == "tiny":
+            return self.decoder(z) * 2 - 1
+        return self.net.decode_latents(z)
+
+    # ---- public -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        self._check_input(x, 3, "x")
+        z = self._with_fallback(lambda m, t: m._encode_raw(t, sample, generator), x)
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z, self.latent_channels, "z")
+        z = z / self.scaling_factor + self.shift_factor
+        return self._with_fallback(lambda m, t: m._decode_raw(t), z)
+
+    def _check_input(self, t: torch.Tensor, channels: int, what: str) -> None:
+        if t.ndim != 4 or t.shape[1] != channels:
+            raise ValueError(f"{self.name}: expected {what} shaped (N,{channels},H,W), got {tuple(t.shape)}")
+
+    def _with_fallback(self, fn, t: torch.Tensor) -> torch.Tensor:
+        out = fn(self, t.to(self.dtype))
+        if self.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
+            if self.fp32_fallbacks == 0:
+                warnings.warn(f"{self.name}: non-finite values in {self.dtype}; recomputing in float32 "
+                              "(expected for the SDXL VAE in fp16)", RuntimeWarning, stacklevel=3)
+            self.fp32_fallbacks += 1
+            out = fn(self._fp32_twin(), t.float())  # kept in fp32: it may not fit fp16
+        return out
+
+    def _fp32_twin(self) -> Autoencoder:
+        # Kept outside the module tree so it is neither saved nor moved with the model.
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            twin = copy.deepcopy(self).float()
+            self.__dict__["_twin"] = twin
+        return twin

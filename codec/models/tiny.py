@@ -1,0 +1,102 @@
+"""Tiny autoencoder, TAESD architecture, written as data: an ``nn.Sequential`` of small blocks.
+
+Parameter names follow the TAESD files (``0.weight``, ``1.conv.0.weight``, ``11.pool.1.bias``):
+index ``i`` is layer ``i`` of the Sequential, so those checkpoints load without renaming.
+Encoder input is [0, 1] RGB; decoder output is roughly [0, 1] (unclamped).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+from .config import TinyConfig
+
+
+def conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of latents to (-3, 3): tanh(x / 3) * 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class GroupNormReLUBranch(nn.Module):
+    """1x1 conv to 4x width, GroupNorm(4) fused with ReLU, 1x1 conv back (TAEF2's ``pool``)."""
+
+    def __init__(self, n: int, expand: int = 4, groups: int = 4):
+        super().__init__()
+        self.groups = groups
+        self.expand = nn.Conv2d(n, n * expand, 1, bias=False)
+        self.norm = nn.GroupNorm(groups, n * expand)
+        self.project = nn.Conv2d(n * expand, n, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.expand(x)
+        h = kernels.group_norm(h, self.groups, self.norm.weight, self.norm.bias, self.norm.eps, act="relu")
+        return self.project(h)
+
+    # Checkpoints name these pool.0 / pool.1 / pool.3 (a Sequential with a ReLU at index 2).
+    KEY_MAP = {"0.": "expand.", "1.": "norm.", "3.": "project."}
+
+
+class Block(nn.Module):
+    """Residual block: three 3x3 convs with ReLU, identity skip, ReLU after the sum."""
+
+    def __init__(self, n: int, midblock_groupnorm: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(conv3x3(n, n), nn.ReLU(), conv3x3(n, n), nn.ReLU(), conv3x3(n, n))
+        self.pool = GroupNormReLUBranch(n) if midblock_groupnorm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return torch.relu(self.conv(x) + x)
+
+
+def tiny_encoder(cfg: TinyConfig) -> nn.Sequential:
+    """(N,3,H,W) in [0,1] -> (N,C,H/8,W/8) latents."""
+    w, gn = cfg.width, cfg.midblock_groupnorm
+
+    def stage():  # stride-2 conv then three blocks
+        return [conv3x3(w, w, stride=2, bias=False), Block(w), Block(w), Block(w)]
+
+    last = [conv3x3(w, w, stride=2, bias=False), Block(w, gn), Block(w, gn), Block(w, gn)]
+    return nn.Sequential(conv3x3(3, w), Block(w), *stage(), *stage(), *last,
+                         conv3x3(w, cfg.latent_channels))
+
+
+def tiny_decoder(cfg: TinyConfig) -> nn.Sequential:
+    """(N,C,h,w) latents -> (N,3,8h,8w), roughly [0,1]."""
+    w, gn = cfg.width, cfg.midblock_groupnorm
+
+    def up():
+        return [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
+
+    return nn.Sequential(
+        Clamp(), conv3x3(cfg.latent_channels, w), nn.ReLU(),
+        Block(w, gn), Block(w, gn), Block(w, gn), *up(),
+        Block(w), Block(w), Block(w), *up(),
+        Block(w), Block(w), Block(w), *up(),
+        Block(w), conv3x3(w, 3),
+    )
+
+
+def rename_pool_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TAESD checkpoint names (``N.pool.0.weight``) -> this module's (``N.pool.expand.weight``)."""
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition(".pool.")
+        if sep:
+            for old, new in GroupNormReLUBranch.KEY_MAP.items():
+                if tail.startswith(old):
+                    tail = new + tail[len(old):]
+                    break
+            key = f"{head}.pool.{tail}"
+        out[key] = value
+    return out
