@@ -196,3 +196,17 @@ def test_fp16_overflow_falls_back_to_fp32():
     assert half.fp32_fallbacks == 1 and torch.isfinite(got).all()
     assert got.dtype == torch.float32  # the fallback result may not fit fp16
     assert rel_err(got, want) < 1e-2  # fp16-rounded weights, fp32 arithmetic
+
+
+@pytest.mark.parametrize("name,overrides", [("taef2", {"width": 8}), ("flux1", {"block_out_channels": (32, 32)})])
+def test_save_model_round_trip(tmp_path, name, overrides):
+    from codec.models import save_model
+
+    torch.manual_seed(0)
+    model = build(name, **overrides)
+    randomize_norms(model)
+    path = save_model(model, tmp_path / "m.safetensors", dtype=torch.float32, metadata={"note": "x"})
+    again = load_model(path)
+    assert again.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)

@@ -2,7 +2,7 @@
 
 from .autoencoder import Autoencoder
 from .config import PRESETS, KLConfig, TinyConfig, preset
-from .loading import DEFAULT_MODEL, build, config_to_json, load_model
+from .loading import DEFAULT_MODEL, build, config_to_json, load_model, save_model
 
 __all__ = ["Autoencoder", "PRESETS", "KLConfig", "TinyConfig", "preset", "build", "load_model",
-           "config_to_json", "DEFAULT_MODEL"]
+           "config_to_json", "DEFAULT_MODEL", "save_model"]

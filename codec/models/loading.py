@@ -279,3 +279,27 @@ def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
 
 def _plain(keys: list[str]) -> list[str]:
     return [k.removeprefix("net.") for k in keys]
+
+
+def save_model(model: Autoencoder, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write a self-describing safetensors file that ``load_model`` reads back exactly.
+
+    Tensors are stored under the names ``load_model`` expects (diffusers names for the KL family,
+    TAESD names for the tiny family), in ``dtype``; the config goes in the metadata.
+    Written to a temporary name and renamed, so an interrupted save leaves no partial file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} does not exist")
+    state = {k.removeprefix("net."): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {CONFIG_KEY: config_to_json(model.config), **(metadata or {})}
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,164 @@
+"""Check every kernel on CUDA against its torch reference, then time it at realistic sizes.
+
+    python bench/gpu_kernels.py [--reps 50] [--out bench/results]
+
+Times are medians of CUDA-event timings after warm-up (compilation excluded). Bandwidth is the
+minimum traffic of each call (bytes read + written once) over its time, next to the bandwidth
+of ``torch.empty_like(x).copy_(x)`` on the same input, measured in the same run. Prints a table
+and writes JSON with the device and versions to ``bench/results/gpu-kernels-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
+
+
+def time_ms(fn, reps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_gbps(x: torch.Tensor, reps: int) -> float:
+    ms = time_ms(lambda: torch.empty_like(x).copy_(x), reps)
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, truth=None, exact=False) -> None:
+    """Exact, or within twice the reference's own error against ``truth`` (plus a tiny atol)."""
+    if exact:
+        ok = torch.equal(got, want)
+        detail = "exact" if ok else f"{(got.float() - want.float()).abs().max().item()} off"
+    elif truth is not None:
+        err, ref_err = ((t.double() - truth).abs().max().item() for t in (got, want))
+        ok, detail = err <= 2 * ref_err + 1e-5, f"err {err:.3g} vs reference {ref_err:.3g}"
+    else:
+        err = (got.float() - want.float()).abs().max().item()
+        ok, detail = err <= 1e-4, f"max diff {err:.3g}"
+    print(f"check {name:<44} {'ok ' if ok else 'FAIL'} {detail}")
+    if not ok:
+        raise SystemExit(f"gpu_kernels: {name} disagrees with its reference; not timing")
+
+
+def cases(dev: torch.device, smoke: bool = False):
+    """(name, input for the copy baseline, bytes moved, kernel call, baseline name, baseline call).
+
+    Each case is checked against its reference before it is yielded. ``smoke`` shrinks every
+    size so the script's own logic can be run on the CPU under TRITON_INTERPRET=1.
+    """
+    gen = torch.Generator(device=dev).manual_seed(0)
+    gn_shapes = [(1, 64, 5, 7)] if smoke else [(1, 512, 135, 240), (1, 128, 1080, 1920)]
+    frame_sizes = [(9, 16, 16)] if smoke else [(1080, 1920, 1088), (2160, 3840, 2160)]
+    n_tiles, tile, overlap = (4, 8, 2) if smoke else (64, 128, 64)
+    for shape in gn_shapes:
+        for fmt_name, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+            x = torch.randn(shape, device=dev, generator=gen, dtype=torch.float16)
+            x = x.contiguous(memory_format=fmt)
+            w = torch.randn(shape[1], device=dev, dtype=torch.float16)
+            b = torch.randn(shape[1], device=dev, dtype=torch.float16)
+            out = kernels.group_norm(x, 32, w, b, act="silu")
+            truth = F.silu(F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6))
+            check(f"group_norm {shape} {fmt_name}", out, F.silu(F.group_norm(x, 32, w, b, 1e-6)), truth)
+            yield (f"group_norm+silu {shape} fp16 {fmt_name}", x, 2 * x.nbytes,
+                   lambda x=x, w=w, b=b: kernels.group_norm(x, 32, w, b, act="silu"),
+                   "F.group_norm+F.silu", lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+    for h, w, h2 in frame_sizes:
+        frames = torch.randint(0, 256, (1, h, w, 3), device=dev, generator=gen, dtype=torch.uint8)
+        call = lambda f=frames, s=(h2, w): kernels.frames_to_input(f, s, torch.float16, channels_last=True)
+        ref = lambda f=frames, s=(h2, w): kernels.frames_to_input(
+            f, s, torch.float16, channels_last=True, reference=True)
+        check(f"frames_to_input {w}x{h}", call(), ref(), exact=True)
+        yield (f"frames_to_input {w}x{h}->{h2} fp16 nhwc", frames, frames.nbytes + 3 * h2 * w * 2,
+               call, "torch reference", ref)
+        x = torch.rand(1, 3, h2, w, device=dev, generator=gen, dtype=torch.float16) * 2.2 - 1.1
+        call = lambda x=x, h=h, w=w: kernels.output_to_frames(x, h, w)
+        ref = lambda x=x, h=h, w=w: kernels.output_to_frames(x, h, w, reference=True)
+        check(f"output_to_frames {w}x{h}", call(), ref(), exact=True)
+        yield (f"output_to_frames {w}x{h} fp16", x, x.nbytes + frames.nbytes, call, "torch reference", ref)
+    a = torch.randint(0, 256, (n_tiles, 3, tile, tile), device=dev, generator=gen, dtype=torch.uint8)
+    b = torch.randint(0, 256, (n_tiles, 3, tile, tile), device=dev, generator=gen, dtype=torch.uint8)
+    got, want = kernels.tile_change(a, b), kernels.tile_change(a, b, reference=True)
+    check("tile_change max", got[0], want[0])
+    check("tile_change mean", got[1], want[1])
+    yield (f"tile_change {n_tiles}x3x{tile}x{tile} uint8", a, 2 * a.nbytes, lambda: kernels.tile_change(a, b),
+           "torch reference", lambda: kernels.tile_change(a, b, reference=True))
+    # 1080p decode: 512-pixel tiles overlapping by 64 on a 1088 x 1920 canvas, 15 tiles.
+    size, step, canvas = (512, 448, (1088, 1920)) if not smoke else (8, 6, (13, 20))
+    ys = sorted({*range(0, canvas[0] - size, step), canvas[0] - size})
+    xs = sorted({*range(0, canvas[1] - size, step), canvas[1] - size})
+    origins = torch.tensor([[0, y, x] for y in ys for x in xs], device=dev)
+    tiles = torch.randn(len(origins), 3, size, size, device=dev, generator=gen, dtype=torch.float16)
+    window = kernels.ramp_window(size, size, size - step, size - step, device=dev)
+    shape = (1, 3, *canvas)
+    call = lambda: kernels.blend_tiles(tiles, origins, window, shape)
+    ref = lambda: kernels.blend_tiles(tiles, origins, window, shape, reference=True)
+    name = f"blend_tiles {len(origins)}x3x{size}x{size} fp16 -> {canvas[0]}x{canvas[1]}"
+    check(name, call(), ref())
+    nbytes = tiles.nbytes + 4 * 4 * canvas[0] * canvas[1]  # tiles read; numerator, weights written
+    yield (name, tiles, nbytes, call, "torch reference", ref)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes; without CUDA, only run the checks on the CPU (TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    if args.smoke and not torch.cuda.is_available():
+        for _ in cases(torch.device("cpu"), smoke=True):
+            pass
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_kernels: no CUDA device present; this benchmark only runs on a GPU")
+    if not kernels.HAVE_TRITON:
+        raise SystemExit("gpu_kernels: triton is not importable; nothing to measure")
+    dev = torch.device("cuda")
+    rows = []
+    for name, x, nbytes, call, base_name, base in cases(dev, args.smoke):
+        ms, base_ms = time_ms(call, args.reps), time_ms(base, args.reps)
+        copy = copy_gbps(x, args.reps)
+        gbps = nbytes / ms / 1e6
+        rows.append(dict(kernel=name, ms=ms, baseline=base_name, baseline_ms=base_ms, speedup=base_ms / ms,
+                         bytes=nbytes, gbps=gbps, copy_gbps=copy, of_copy=gbps / copy))
+    print(f"\n{'kernel':<46}{'ms':>8}{'base ms':>9}{'x':>6}{'GB/s':>8}{'copy':>8}{'of copy':>9}  baseline")
+    for r in rows:
+        print(f"{r['kernel']:<46}{r['ms']:>8.3f}{r['baseline_ms']:>9.3f}{r['speedup']:>6.2f}"
+              f"{r['gbps']:>8.0f}{r['copy_gbps']:>8.0f}{r['of_copy']:>9.0%}  {r['baseline']}")
+    import triton
+
+    device_name = torch.cuda.get_device_name()
+    meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), reps=args.reps,
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    path = args.out / f"gpu-kernels-{slug}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""GroupNorm with a fused activation, split into partial statistics and apply.
+
+The split serves global-statistics tiling: every tile reports ``(count, mean, m2)`` per group,
+:func:`merge_group_stats` combines them (Chan's parallel formula), and each tile is then
+normalised with the frame's statistics by :func:`group_norm_apply`. :func:`group_norm` is the
+same two steps on one tensor.
+
+Layouts: x is (N, C, H, W), contiguous NCHW or channels_last. Inside a launch a group of sample
+n is addressed as ``n * stride_n + c * stride_c + p * stride_p`` with p = h * W + w, which holds
+for both layouts because H and W are always dense relative to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import HAVE_TRITON, use_triton
+
+_ACTS = {None: 0, "silu": 1, "relu": 2}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gn_stats_kernel(
+        x_ptr, count_ptr, mean_ptr, m2_ptr,  # x: (N, C, H, W); outputs: (N * G, SPLITS) fp32
+        G, CPG, HW,  # groups, channels per group, pixels per channel
+        stride_n, stride_c, stride_p,  # element strides of x (p = h * W + w)
+        group_numel, chunk, SPLITS,  # elements per group, elements per program (multiple of BLOCK)
+        PIX_MAJOR: tl.constexpr,  # channels_last: walk pixel-major so reads are contiguous runs
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # n * G + g
+        split = tl.program_id(1)
+        n = row // G
+        g = row % G
+        base = x_ptr + n.to(tl.int64) * stride_n + (g * CPG).to(tl.int64) * stride_c
+        start = split * chunk
+        end = tl.minimum(start + chunk, group_numel)
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for off in range(start, end, BLOCK):
+            e = off + tl.arange(0, BLOCK)
+            mask = e < end
+            if PIX_MAJOR:
+                p = e // CPG
+                c = e % CPG
+            else:
+                c = e // HW
+                p = e % HW
+            ptrs = base + c.to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
+            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            # Two-pass statistics of the block in registers, then Chan's merge into the running
+            # ones: one read of the data, no E[x^2] - E[x]^2 cancellation.
+            b_cnt = tl.sum(mask.to(tl.float32), axis=0)
+            b_mean = tl.sum(v, axis=0) / b_cnt
+            d = tl.where(mask, v - b_mean, 0.0)
+            b_m2 = tl.sum(d * d, axis=0)
+            tot = cnt + b_cnt
+            delta = b_mean - mean
+            mean = mean + delta * (b_cnt / tot)
+            m2 = m2 + b_m2 + delta * delta * (cnt * (b_cnt / tot))
+            cnt = tot
+        out = row * SPLITS + split
+        tl.store(count_ptr + out, cnt)
+        tl.store(mean_ptr + out, mean)
+        tl.store(m2_ptr + out, m2)
+
+    @triton.jit
+    def _gn_apply_kernel(
+        x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,  # y has x's strides; mean/rstd: (N * G,)
+        G, CPG, HW, stride_n, stride_c, stride_p, group_numel,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        ACT: tl.constexpr,  # 0 none, 1 silu, 2 relu
+        PIX_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        n = row // G
+        g = row % G
+        e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < group_numel
+        if PIX_MAJOR:
+            p = e // CPG
+            c = e % CPG
+        else:
+            c = e // HW
+            p = e % HW
+        offs = n.to(tl.int64) * stride_n + (g * CPG + c).to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (v - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+        if HAS_W:
+            y = y * tl.load(w_ptr + g * CPG + c, mask=mask, other=1.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(b_ptr + g * CPG + c, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            y = y * tl.sigmoid(y)
+        elif ACT == 2:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- checks, layout
+
+
+def _check(x: torch.Tensor, num_groups: int, act=None, weight=None, bias=None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if num_groups <= 0 or x.shape[1] % num_groups:
+        raise ValueError(f"channels ({x.shape[1]}) must be a multiple of num_groups ({num_groups})")
+    if act not in _ACTS:
+        raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """x made dense in NCHW or channels_last (whichever it already is), and that format.
+
+    The view returned has the canonical strides of its format: torch leaves the strides of
+    size-1 dimensions arbitrary, and the kernels address pixels as h * W + w.
+    """
+    n, c, h, w = x.shape
+    if x.is_contiguous():
+        fmt, strides = torch.contiguous_format, (c * h * w, h * w, w, 1)
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        fmt, strides = torch.channels_last, (h * w * c, 1, w * c, c)
+    else:
+        return x.contiguous(), torch.contiguous_format
+    return x.as_strided(x.shape, strides, x.storage_offset()), fmt
+
+
+def _geometry(x: torch.Tensor, num_groups: int, fmt):
+    n, c, h, w = x.shape
+    cpg, hw = c // num_groups, h * w
+    numel = cpg * hw
+    block = min(1024, triton.next_power_of_2(max(numel, 16)))
+    return n, cpg, hw, numel, block, fmt == torch.channels_last and cpg > 1
+
+
+def _activate(y: torch.Tensor, act) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(y)
+    if act == "relu":
+        return F.relu(y)
+    return y
+
+
+def _merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, dim: int):
+    """Chan's combination of partial (count, mean, m2) along ``dim``, in fp32."""
+    total = count.sum(dim)
+    weight = count / total.clamp_min(1.0).unsqueeze(dim)
+    mu = (weight * mean).sum(dim)
+    m2 = m2.sum(dim) + (count * (mean - mu.unsqueeze(dim)).square()).sum(dim)
+    return total, mu, m2
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _stats_triton(x: torch.Tensor, num_groups: int):
+    x, fmt = _layout(x)
+    n, cpg, hw, numel, block, pix_major = _geometry(x, num_groups, fmt)
+    rows = n * num_groups
+    # Split long groups over several programs so a 32-group frame still fills the GPU.
+    blocks = triton.cdiv(numel, block)
+    splits = min(blocks, max(1, triton.cdiv(1024, rows)))
+    chunk = triton.cdiv(blocks, splits) * block
+    splits = triton.cdiv(numel, chunk)
+    parts = torch.empty((3, rows, splits), device=x.device, dtype=torch.float32)
+    _gn_stats_kernel[(rows, splits)](
+        x, parts[0], parts[1], parts[2], num_groups, cpg, hw,
+        x.stride(0), x.stride(1), x.stride(3), numel, chunk, splits,
+        PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
+    )
+    count, mean, m2 = _merge(parts[0], parts[1], parts[2], dim=1)
+    shape = (n, num_groups)
+    return count.view(shape), mean.view(shape), m2.view(shape)
+
+
+def _stats_reference(x: torch.Tensor, num_groups: int):
+    n = x.shape[0]
+    xf = x.float().reshape(n, num_groups, -1)
+    mean = xf.mean(dim=-1)
+    m2 = (xf - mean.unsqueeze(-1)).square().sum(dim=-1)
+    count = torch.full_like(mean, float(xf.shape[-1]))
+    return count, mean, m2
+
+
+def group_norm_stats(x: torch.Tensor, num_groups: int, reference: bool = False):
+    """Partial GroupNorm statistics of one tile.
+
+    x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last.
+    Returns ``(count, mean, m2)``, each (N, G) float32: elements per group, their mean and the
+    sum of squared deviations from that mean. Combine tiles with :func:`merge_group_stats`.
+    """
+    _check(x, num_groups)
+    if use_triton(x, reference=reference):
+        return _stats_triton(x, num_groups)
+    return _stats_reference(x, num_groups)
+
+
+def merge_group_stats(stats):
+    """Combine partial statistics of several tiles (Chan et al.'s parallel formula).
+
+    stats: a non-empty sequence of ``(count, mean, m2)``, each (N, G) float32.
+    Returns the ``(count, mean, m2)`` of the union, each (N, G) float32.
+    """
+    stats = list(stats)
+    if not stats:
+        raise ValueError("merge_group_stats needs at least one (count, mean, m2) triple")
+    count, mean, m2 = (torch.stack([s[i].float() for s in stats]) for i in range(3))
+    return _merge(count, mean, m2, dim=0)
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+def _apply_triton(x, mean, rstd, num_groups, weight, bias, act):
+    x, fmt = _layout(x)
+    n, cpg, hw, numel, block, pix_major = _geometry(x, num_groups, fmt)
+    y = torch.empty_like(x, memory_format=fmt)
+    assert y.stride() == x.stride()
+    mean = mean.to(device=x.device, dtype=torch.float32).contiguous()
+    rstd = rstd.to(device=x.device, dtype=torch.float32).contiguous()
+    _gn_apply_kernel[(n * num_groups, triton.cdiv(numel, block))](
+        x, y, mean, rstd,
+        weight if weight is not None else mean,  # dummy pointers, never read
+        bias if bias is not None else mean,
+        num_groups, cpg, hw, x.stride(0), x.stride(1), x.stride(3), numel,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACTS[act],
+        PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
+    )
+    return y
+
+
+def _apply_reference(x, mean, rstd, num_groups, weight, bias, act):
+    _, fmt = _layout(x)
+    n, c, h, w = x.shape
+    xf = x.float().reshape(n, num_groups, -1)
+    y = ((xf - mean.float().unsqueeze(-1)) * rstd.float().unsqueeze(-1)).reshape(n, c, h, w)
+    if weight is not None:
+        y = y * weight.float().view(1, c, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, c, 1, 1)
+    return _activate(y, act).to(x.dtype).contiguous(memory_format=fmt)
+
+
+def group_norm_apply(x, mean, rstd, num_groups, weight=None, bias=None, act=None, reference=False):
+    """Normalise with given statistics, then affine, then activation.
+
+    x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last.
+    mean, rstd: (N, G) float32, rstd = 1 / sqrt(m2 / count + eps).
+    weight, bias: (C,) or None. act: None, "silu" or "relu".
+    Returns a tensor of x's shape, dtype and memory format.
+    """
+    _check(x, num_groups, act, weight, bias)
+    expected = (x.shape[0], num_groups)
+    if tuple(mean.shape) != expected or tuple(rstd.shape) != expected:
+        raise ValueError(f"mean and rstd must be {expected}, got {tuple(mean.shape)}, {tuple(rstd.shape)}")
+    if use_triton(x, reference=reference):
+        return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)
+    return _apply_reference(x, mean, rstd, num_groups, weight, bias, act)
+
+
+def _reference(x, num_groups, weight, bias, eps, act):
+    _, fmt = _layout(x)
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    y = F.group_norm(x.float(), num_groups, w, b, eps)
+    return _activate(y, act).to(x.dtype).contiguous(memory_format=fmt)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, reference=False):
+    """GroupNorm (biased variance, like ``torch.nn.GroupNorm``) with a fused activation.
+
+    x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last; statistics in float32.
+    weight, bias: (C,) or None. act: None, "silu" or "relu", applied after the affine.
+    Returns a tensor of x's shape, dtype and memory format.
+    """
+    _check(x, num_groups, act, weight, bias)
+    if not use_triton(x, reference=reference):
+        return _reference(x, num_groups, weight, bias, eps, act)
+    count, mean, m2 = _stats_triton(x, num_groups)
+    rstd = torch.rsqrt(m2 / count + eps)
+    return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)

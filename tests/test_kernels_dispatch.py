@@ -1,0 +1,82 @@
+"""The dispatch rule: which calls reach the Triton launchers and which the torch reference."""
+
+import importlib
+
+import pytest
+import torch
+
+import kernels
+
+# Every Triton kernel object, by module; replaced by Boom so a launch is detectable.
+LAUNCHERS = {
+    "kernels.group_norm": ["_gn_stats_kernel", "_gn_apply_kernel"],
+    "kernels.frames": ["_to_input_kernel", "_to_frames_kernel"],
+    "kernels.tile_change": ["_tile_change_kernel"],
+    "kernels.blend": ["_blend_scatter_kernel"],
+}
+
+
+class Launched(Exception):
+    pass
+
+
+class Boom:
+    def __getitem__(self, grid):
+        raise Launched
+
+
+@pytest.fixture
+def boom(monkeypatch):
+    for module, names in LAUNCHERS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            monkeypatch.setattr(mod, name, Boom())
+
+
+def _calls(reference=False):
+    x = torch.randn(1, 6, 2, 3)
+    frames = torch.zeros(1, 2, 3, 3, dtype=torch.uint8)
+    tiles = torch.zeros(2, 3, 2, 2)
+    mean, rstd = torch.zeros(1, 3), torch.ones(1, 3)
+    return [
+        lambda: kernels.group_norm(x, 3, act="silu", reference=reference),
+        lambda: kernels.group_norm_stats(x, 3, reference=reference),
+        lambda: kernels.group_norm_apply(x, mean, rstd, 3, reference=reference),
+        lambda: kernels.frames_to_input(frames, reference=reference),
+        lambda: kernels.output_to_frames(x[:, :3], reference=reference),
+        lambda: kernels.tile_change(tiles, tiles, reference=reference),
+        lambda: kernels.blend_tiles(tiles, torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 2),
+                                    (1, 3, 2, 2), reference=reference),
+    ]
+
+
+def test_interpreter_sends_cpu_tensors_to_triton(boom):
+    assert kernels.interpreting()
+    for call in _calls():
+        with pytest.raises(Launched):
+            call()
+
+
+def test_reference_keyword_forces_torch(boom):
+    for call in _calls(reference=True):
+        call()
+
+
+def test_force_reference_context(boom):
+    with kernels.force_reference():
+        for call in _calls():
+            call()
+    assert not kernels.reference_forced()
+
+
+def test_environment_switch(boom, monkeypatch):
+    monkeypatch.setenv("CODEC_KERNELS", "reference")
+    for call in _calls():
+        call()
+
+
+def test_cpu_without_interpreter_goes_to_reference(boom, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not kernels.use_triton(torch.zeros(1))
+    for call in _calls():
+        call()
