@@ -208,7 +208,8 @@ def _kl_preset(shape: dict, path: Path, preset_name: str | None) -> KLConfig:
 def _tiny_preset(shape: dict, path: Path, preset_name: str | None) -> TinyConfig:
     if preset_name:
         return _checked(preset(preset_name), TinyConfig, path)
-    same = [n for n, c in PRESETS.items() if isinstance(c, TinyConfig) and c.latent_channels == shape["latent_channels"]]
+    same = [n for n, c in PRESETS.items()
+            if isinstance(c, TinyConfig) and c.latent_channels == shape["latent_channels"]]
     hint = _name_hint(path, same)
     return replace(PRESETS[hint], name=hint) if hint else TinyConfig(name=f"tiny-c{shape['latent_channels']}")
 
