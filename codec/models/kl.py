@@ -12,26 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-
 from .config import KLConfig
-
-
-class GroupNormAct(nn.GroupNorm):
-    """GroupNorm with an optional fused activation, run through ``kernels.group_norm``.
-
-    ``stats_hook`` lets tiling replace the per-tile statistics by frame-wide ones.
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, act: str | None = "silu"):
-        super().__init__(num_groups, num_channels, eps=eps)
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hook = getattr(self, "stats_hook", None)
-        if hook is not None:
-            return hook(self, x)
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
+from .layers import GroupNormAct
 
 
 class ResnetBlock(nn.Module):

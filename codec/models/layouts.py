@@ -52,12 +52,15 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 def ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original SD VAE names -> diffusers names (decoder up blocks are stored in reverse)."""
     n_up = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
+
+    def flip(m: re.Match) -> str:
+        return str(n_up - 1 - int(m.group(1)))
+
     out = {}
     for key, value in state.items():
         k = key
         k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
         k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
-        flip = lambda m: str(n_up - 1 - int(m.group(1)))  # noqa: E731
         k = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.", k)
         k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.", k)
         k = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m.group(1)) - 1}.", k)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-
 from .config import TinyConfig
+from .layers import GroupNormAct
 
 
 def conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -31,15 +30,12 @@ class GroupNormReLUBranch(nn.Module):
 
     def __init__(self, n: int, expand: int = 4, groups: int = 4):
         super().__init__()
-        self.groups = groups
         self.expand = nn.Conv2d(n, n * expand, 1, bias=False)
-        self.norm = nn.GroupNorm(groups, n * expand)
+        self.norm = GroupNormAct(groups, n * expand, eps=1e-5, act="relu")
         self.project = nn.Conv2d(n * expand, n, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.expand(x)
-        h = kernels.group_norm(h, self.groups, self.norm.weight, self.norm.bias, self.norm.eps, act="relu")
-        return self.project(h)
+        return self.project(self.norm(self.expand(x)))
 
     # Checkpoints name these pool.0 / pool.1 / pool.3 (a Sequential with a ReLU at index 2).
     KEY_MAP = {"0.": "expand.", "1.": "norm.", "3.": "project."}
