@@ -40,3 +40,4 @@ def shared_data() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip("../shared/data is absent: real-data test skipped")
     return path
+
