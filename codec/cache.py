@@ -134,7 +134,7 @@ class TemporalCache:
 
     def commit(self, outputs: torch.Tensor) -> None:
         """Store the newest result of each position from the M ``outputs`` (``compute`` order)."""
-        if not self.enabled:
+        if not self.enabled or outputs.shape[0] == 0:
             return
         pending = self._pending
         fresh = (pending >= 0).nonzero().flatten()
