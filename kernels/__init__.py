@@ -5,6 +5,7 @@ from .blend import blend_tiles, ramp_window
 from .frames import frames_to_input, output_to_frames
 from .group_norm import group_norm, group_norm_apply, group_norm_stats, merge_group_stats
 from .tile_change import tile_change
+from .upconv import fold_weight, upsample_conv3x3
 
 __all__ = [
     "HAVE_TRITON",
@@ -21,4 +22,6 @@ __all__ = [
     "reference_forced",
     "tile_change",
     "use_triton",
+    "fold_weight",
+    "upsample_conv3x3",
 ]

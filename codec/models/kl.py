@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import KLConfig
-from .layers import GroupNormAct
+from .layers import GroupNormAct, UpsampleConv
 
 
 class ResnetBlock(nn.Module):
@@ -73,14 +73,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest 2x, then a 3x3 conv."""
+    """Nearest 2x, then a 3x3 conv (fused: see ``UpsampleConv``)."""
 
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.fused = UpsampleConv()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.fused(x, self.conv)
 
 
 class Stage(nn.Module):
