@@ -72,7 +72,8 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['clip']} | {r['size']} | {r['fps']} | {r['frames']}/{r['frames_back']} | {r['size_back']} "
-                     f"| {r['duration_back_s']:.3f} | {'yes' if r['preserved'] else 'NO'} | {r['psnr_db']:.2f} "
+                     f"| {r['duration_back_s'] or float('nan'):.3f} | {'yes' if r['preserved'] else 'NO'} "
+                     f"| {r['psnr_db']:.2f} "
                      f"| {r['min_psnr_db']:.2f} | {r['ssim']:.4f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
