@@ -120,19 +120,12 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
             report.latency_ms.extend((done - r) * 1000 for r in ready)
             bar.update(len(pts))
 
-        stage = BackgroundStage(write, size=4, name="latent-writer")
-        try:
-            for fb in reader:
-                ready = [now()] * len(fb)
-                latents = encoder(fb.frames).to("cpu", latent_dtype)
-                stage.put((latents, fb.pts, ready))
-                report.frames += len(fb)
-            stage.close()
-        except BaseException:
-            stage.abort()
-            raise
-        finally:
-            bar.close()
+        def work(fb):
+            ready = [now()] * len(fb)
+            report.frames += len(fb)
+            return encoder(fb.frames).to("cpu", latent_dtype), fb.pts, ready
+
+        _pump(reader, work, write, "latent-writer", bar)
         if report.frames == 0:
             raise ValueError(f"{src}: no frames selected (start={start}, end={end}, stride={stride})")
     return _finish(report, t0, encoder, model, encoder.stats)
@@ -177,19 +170,13 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
             report.latency_ms.extend((done - r) * 1000 for r in ready)
             bar.update(len(pts))
 
-        stage = BackgroundStage(write, size=4, name="video-writer")
-        try:
-            for latents, pts in reader:
-                ready = [now()] * len(pts)
-                frames = decoder(latents.float()).cpu().numpy()
-                stage.put((frames, pts.numpy(), ready))
-                report.frames += len(pts)
-            stage.close()
-        except BaseException:
-            stage.abort()
-            raise
-        finally:
-            bar.close()
+        def work(item):
+            latents, pts = item
+            ready = [now()] * len(pts)
+            report.frames += len(pts)
+            return decoder(latents.float()).cpu().numpy(), pts.numpy(), ready
+
+        _pump(reader, work, write, "video-writer", bar)
     return _finish(report, t0, decoder, model, decoder.stats)
 
 
@@ -219,30 +206,39 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
             out.write(frames, pts)
             bar.update(len(pts))
 
-        stage = BackgroundStage(write, size=4, name="video-writer")
-        try:
-            for fb in reader:
-                t_in = now()
-                latents = encoder(fb.frames)
-                t_mid = now()
-                frames = decoder(latents).cpu().numpy()
-                t_out = now()
-                enc.latency_ms.extend([(t_mid - t_in) * 1000] * len(fb))
-                dec.latency_ms.extend([(t_out - t_mid) * 1000] * len(fb))
-                dec.psnr.extend(np.atleast_1d(psnr(frames, fb.frames)).tolist())
-                dec.ssim.extend(np.atleast_1d(ssim(frames, fb.frames)).tolist())
-                stage.put((frames, fb.pts))
-                enc.frames += len(fb)
-                dec.frames += len(fb)
-            stage.close()
-        except BaseException:
-            stage.abort()
-            raise
-        finally:
-            bar.close()
+        def work(fb):
+            t_in = now()
+            latents = encoder(fb.frames)
+            t_mid = now()
+            frames = decoder(latents).cpu().numpy()
+            t_out = now()
+            enc.latency_ms.extend([(t_mid - t_in) * 1000] * len(fb))
+            dec.latency_ms.extend([(t_out - t_mid) * 1000] * len(fb))
+            dec.psnr.extend(np.atleast_1d(psnr(frames, fb.frames)).tolist())
+            dec.ssim.extend(np.atleast_1d(ssim(frames, fb.frames)).tolist())
+            enc.frames += len(fb)
+            dec.frames += len(fb)
+            return frames, fb.pts
+
+        _pump(reader, work, write, "video-writer", bar)
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+def _pump(source, work, write, name: str, bar) -> None:
+    """For each item of ``source``: ``work`` here, then ``write`` on a background thread (bounded
+    queue). Any failure stops both and is raised; the bar is closed either way."""
+    stage = BackgroundStage(write, size=4, name=name)
+    try:
+        for item in source:
+            stage.put(work(item))
+        stage.close()
+    except BaseException:
+        stage.abort()
+        raise
+    finally:
+        bar.close()
 
 
 def _frame_count(total: int | None, start: int, end: int | None, stride: int) -> int | None:
