@@ -40,6 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "default")
     p.add_argument("--preset", default=None, help="latent convention when shapes cannot tell (sd3/flux1, sdxl)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model passes")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs for fixed tile shapes (CUDA)")
 
 
 def _add_coder_args(p: argparse.ArgumentParser) -> None:
@@ -137,10 +139,13 @@ def _setup(args):
 
 def _load(args, device, dtype):
     from .models import load_model
+    from .models.accel import accelerate
 
     if args.model is None:
         return None
-    return load_model(args.model, device=device, dtype=dtype, preset_name=args.preset)
+    model = load_model(args.model, device=device, dtype=dtype, preset_name=args.preset)
+    # channels_last and cuDNN autotuning on CUDA; compile and CUDA graphs when asked.
+    return accelerate(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
 
 
 def _print_run(name: str, r) -> None:

@@ -23,6 +23,7 @@ from .cache import CacheStats
 from .coder import CoderOptions, FrameDecoder, FrameEncoder
 from .latents import LatentReader, LatentWriter, check_compatible
 from .models import Autoencoder, load_model
+from .models.accel import accelerate
 from .quality import psnr, ssim
 from .stages import BackgroundStage, now, peak_host_mb, progress
 from .video import FrameReader, VideoWriter, probe_video
@@ -74,7 +75,9 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
 
 
 def _model(model: Autoencoder | str | os.PathLike, device, dtype) -> Autoencoder:
-    return model if isinstance(model, Autoencoder) else load_model(model, device=device, dtype=dtype)
+    if isinstance(model, Autoencoder):
+        return model
+    return accelerate(load_model(model, device=device, dtype=dtype))  # channels_last etc. on CUDA
 
 
 def _check_output(path: Path) -> None:
