@@ -46,7 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "default")
 
 def _add_coder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tiling and cache")
-    g.add_argument("--batch", type=int, default=None, help="images per model call (default: from the budget)")
+    g.add_argument("--batch", type=int, default=None,
+                   help="frames read and coded together (default 4; fewer: lower latency, more: throughput)")
     g.add_argument("--tile", type=int, default=None, help="tile size in px, a multiple of 8 (default: from the budget)")
     g.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile/4)")
     g.add_argument("--max-memory", type=_memory_arg, default=None, help="memory budget, e.g. 4G (default: free memory)")
@@ -196,18 +197,18 @@ def run(args) -> int:
     if args.command == "encode":
         r = pipeline.encode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
                                   start=args.start, end=args.end, stride=args.stride,
-                                  latent_dtype=_dtype(args.latent_dtype), quiet=args.quiet)
+                                  latent_dtype=_dtype(args.latent_dtype), batch=args.batch or 4, quiet=args.quiet)
         _print_run("encode", r)
     elif args.command == "decode":
         r = pipeline.decode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
                                   crf=args.crf, preset=args.x264_preset, lossless=args.lossless,
-                                  verify=not args.no_verify, quiet=args.quiet)
+                                  verify=not args.no_verify, batch=args.batch or 4, quiet=args.quiet)
         _print_run("decode", r)
     elif args.command == "roundtrip":
         enc, dec = pipeline.roundtrip_video(args.input, args.output, model, device=device, dtype=dtype,
                                             options=options, start=args.start, end=args.end, stride=args.stride,
                                             crf=args.crf, preset=args.x264_preset, lossless=args.lossless,
-                                            quiet=args.quiet)
+                                            batch=args.batch or 4, quiet=args.quiet)
         _print_run("encode", enc)
         _print_run("decode", dec)
         s = dec.summary()
