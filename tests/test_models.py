@@ -210,3 +210,23 @@ def test_save_model_round_trip(tmp_path, name, overrides):
     assert again.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def test_hub_cache_resolves_repo_ids_and_presets(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub", reason="optional hub support")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderTiny(latent_channels=4).eval()
+    repo = tmp_path / "hub" / "models--madebyollin--taesd"
+    ref.save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for source in ("madebyollin/taesd", "taesd"):
+        model = load_model(source)
+        assert model.latent_channels == 4 and rel_err(model.encode(x), ref.encode(x).latents) < REL_TOL
+    with pytest.raises(ValueError, match="never downloads"):
+        load_model("someone/not-cached")
+    with pytest.raises(ValueError, match="pass a local file"):
+        load_model("taef1")

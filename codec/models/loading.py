@@ -97,8 +97,8 @@ def _hub_cached(repo: str, subfolder: str | None) -> Path | None:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None
-    try:
-        root = Path(snapshot_download(repo, local_files_only=True))
+    try:  # HF_HUB_CACHE read at call time, so a changed environment is honoured
+        root = Path(snapshot_download(repo, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
     except Exception:  # not cached (offline): the caller explains how to pass a local file
         return None
     folder = root / subfolder if subfolder else root
