@@ -163,12 +163,13 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     report = RunReport()
     bar = progress(reader.num_frames, "decode", quiet)
     t0 = now()
+    clock = OutputClock(reader.fps, reader.time_base)
     with VideoWriter(dst, width, height, reader.fps, crf=crf, preset=preset, lossless=lossless,
-                     time_base=reader.time_base) as out:
+                     time_base=clock.time_base) as out:
 
         def write(item):
             frames, pts, ready = item
-            out.write(frames, pts)
+            out.write(frames, clock(pts))
             done = now()
             report.latency_ms.extend((done - r) * 1000 for r in ready)
             bar.update(len(pts))
@@ -201,12 +202,13 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     enc, dec = RunReport(), RunReport()
     bar = progress(_frame_count(info.num_frames, start, end, stride), "roundtrip", quiet)
     t0 = now()
-    with reader, VideoWriter(dst, info.width, info.height, Fraction(info.fps) / stride, crf=crf, preset=preset,
-                             lossless=lossless, time_base=info.time_base) as out:
+    clock = OutputClock(Fraction(info.fps) / stride, info.time_base)
+    with reader, VideoWriter(dst, info.width, info.height, clock.fps, crf=crf, preset=preset,
+                             lossless=lossless, time_base=clock.time_base) as out:
 
         def write(item):
             frames, pts = item
-            out.write(frames, pts)
+            out.write(frames, clock(pts))
             bar.update(len(pts))
 
         def work(fb):
@@ -227,6 +229,35 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+class OutputClock:
+    """Timestamps for the output video, so that it reports the source's frame rate exactly.
+
+    When the time base counts a whole number of ticks per frame (1/90000 at 30000/1001 fps),
+    pts pass through unchanged. Otherwise (1/1000 at 24 fps, as WebM stores it) the output
+    uses one tick per frame, 1/fps, and each pts is snapped to the nearest frame slot (kept
+    increasing): exact for constant-frame-rate sources, nearest-slot for variable ones.
+    """
+
+    def __init__(self, fps: Fraction, time_base: Fraction):
+        self.fps, self.source_base = Fraction(fps), Fraction(time_base)
+        self.keep = (1 / (self.fps * self.source_base)).denominator == 1
+        self.time_base = self.source_base if self.keep else 1 / self.fps
+        self._last: int | None = None
+
+    def __call__(self, pts) -> np.ndarray:
+        pts = np.asarray(pts, dtype=np.int64).reshape(-1)
+        if self.keep:
+            return pts
+        out = []
+        for p in pts.tolist():
+            slot = round(p * self.source_base * self.fps)
+            if self._last is not None and slot <= self._last:
+                slot = self._last + 1
+            self._last = slot
+            out.append(slot)
+        return np.asarray(out, dtype=np.int64)
 
 
 def _pump(source, work, write, name: str, bar) -> None:

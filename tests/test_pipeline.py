@@ -250,3 +250,25 @@ def test_edge_files_encode_and_decode(name, shared_data, model_file, tmp_path):
     assert back.num_frames == 3
     assert (back.width + back.width % 2, back.height + back.height % 2) == (
         info.width + info.width % 2, info.height + info.height % 2)
+
+
+def test_output_clock_keeps_or_snaps_timestamps():
+    from codec.pipeline import OutputClock
+
+    keep = OutputClock(Fraction(30000, 1001), Fraction(1, 90000))
+    assert keep.keep and keep.time_base == Fraction(1, 90000)
+    assert keep([0, 3003, 6006]).tolist() == [0, 3003, 6006]
+    snap = OutputClock(Fraction(24), Fraction(1, 1000))  # WebM milliseconds at 24 fps
+    assert not snap.keep and snap.time_base == Fraction(1, 24)
+    assert snap([0, 42, 83, 125]).tolist() == [0, 1, 2, 3]
+    fresh = OutputClock(Fraction(24), Fraction(1, 1000))
+    assert fresh([0, 10, 20]).tolist() == [0, 1, 2]  # never two frames in one slot
+
+
+def test_webm_millisecond_clock_gives_exact_rate(shared_data, model_file, tmp_path):
+    src = shared_data / "video" / "tears_of_steel.webm"
+    out = tmp_path / "w.mp4"
+    from codec.pipeline import roundtrip_video
+
+    roundtrip_video(src, out, str(model_file), end=5)
+    assert probe_video(out).fps == probe_video(src).fps == 24
