@@ -25,6 +25,7 @@ import logging
 import platform
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -105,10 +106,19 @@ class _GraftedPool(torch.nn.Module):
         self.pool = torch.nn.Sequential(torch.nn.Conv2d(n, n4, 1, bias=False), torch.nn.GroupNorm(4, n4),
                                         torch.nn.ReLU(), torch.nn.Conv2d(n4, n, 1, bias=False))
         for i, src in ((0, pool.expand), (1, pool.norm), (3, pool.project)):
-            self.pool[i].load_state_dict({k: v for k, v in src.state_dict().items()})
+            self.pool[i].load_state_dict(src.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x + self.pool(x))
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("--baseline diffusers needs diffusers: pip install diffusers "
+                         "(or pip install -e '.[dev]'), or pass --baseline none") from None
+    return diffusers
 
 
 def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
@@ -118,11 +128,7 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
     ``decoder.N`` = its ``decoder.layers.N-1``); a middle-block GroupNorm branch (TAEF2) is
     grafted on since diffusers has none. KL family: ``AutoencoderKL`` with the same config.
     """
-    try:
-        import diffusers
-    except ImportError:
-        raise ValueError("--baseline diffusers needs diffusers: pip install diffusers "
-                         "(or pip install -e '.[dev]'), or pass --baseline none") from None
+    diffusers = _diffusers()
     cfg, note = model.config, "same weights, same config"
     if model.family == "tiny":
         w = (cfg.width,) * 4
@@ -187,13 +193,13 @@ def make_baseline(kind: str, model: Autoencoder, height: int, width: int):
 @dataclass
 class _Side:
     coder: object
-    enc_ms: list[float] = field(default_factory=list)
-    dec_ms: list[float] = field(default_factory=list)
+    ms: dict[str, list[float]] = field(default_factory=lambda: {"encode": [], "decode": []})
+    cpu_ms: dict[str, list[float]] = field(default_factory=lambda: {"encode": [], "decode": []})
     latents: list[torch.Tensor] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     peak_host_mb: float | None = None
     peak_device_mb: float | None = None
-    seconds: dict[str, float] = field(default_factory=lambda: {"enc_ms": 0.0, "dec_ms": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"encode": 0.0, "decode": 0.0})
 
 
 def _sync(device: torch.device) -> None:
@@ -201,7 +207,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm(coder, frames: np.ndarray, device: torch.device) -> tuple[float, float | None]:
+def _warm(coder, frames: np.ndarray, device: torch.device) -> tuple[float | None, float | None]:
     """Run ``frames`` through a fresh coder, untimed; (peak RSS MiB, peak device MiB), None without frames."""
     if len(frames) == 0:
         return None, None
@@ -214,10 +220,11 @@ def _warm(coder, frames: np.ndarray, device: torch.device) -> tuple[float, float
     return peak_host_mb(), dev
 
 
-def _stats(ms: list[float], seconds: float) -> dict:
+def _stats(ms: list[float], cpu_ms: list[float], seconds: float) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(np.mean(ms)),
-            "fps": len(ms) / seconds if seconds > 0 else 0.0, "latency_ms": [round(v, 3) for v in ms]}
+            "fps": len(ms) / seconds if seconds > 0 else 0.0, "latency_ms": [round(v, 3) for v in ms],
+            "cpu_p50_ms": float(np.percentile(cpu_ms, 50)), "cpu_ms": [round(v, 3) for v in cpu_ms]}
 
 
 def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions | None = None,
@@ -235,6 +242,10 @@ def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions 
         raise ValueError(f"expected frames (T, H, W, 3) uint8, got {getattr(frames, 'shape', type(frames))}")
     if len(frames) == 0 or warmup < 0 or chunk < 1:
         raise ValueError(f"expected frames >= 1, warmup >= 0, chunk >= 1; got {len(frames)}, {warmup}, {chunk}")
+    if baseline not in BASELINES:
+        raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if baseline == "diffusers":
+        _diffusers()  # fail before any work when it is missing
     device = model.device
     t, h, w = frames.shape[:3]
     warm_frames = frames[np.arange(warmup) % t]
@@ -290,6 +301,7 @@ def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions 
         for k in ("encode", "decode"):
             mine, theirs = np.array(o[k]["latency_ms"]), np.array(bl[k]["latency_ms"])
             report["ratio"].update({f"{k}_p95": o[k]["p95_ms"] / bl[k]["p95_ms"],
+                                    f"{k}_cpu_p50": o[k]["cpu_p50_ms"] / bl[k]["cpu_p50_ms"],
                                     f"{k}_min": float(mine.min() / theirs.min()),
                                     f"{k}_paired_median": float(np.median(mine / theirs))})
     return report
@@ -298,7 +310,7 @@ def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions 
 TIMED = ("encode: uint8 frames in host memory -> latents on the host written to a latent file (fp16); "
          "decode: fp16 latents in host memory -> uint8 frames written to a libx264 VideoWriter; "
          "per call of `chunk` frames (baseline: 1), sides alternating call by call, warm-up excluded, "
-         "clock read after CUDA synchronize")
+         "clock read after CUDA synchronize; cpu_ms = process CPU time of the call (all threads)")
 MEMORY = ("peaks over the warm-up calls, each side alone (ours first, before the baseline model exists): "
           "peak_device_mb = torch.cuda.max_memory_allocated (CUDA only); peak_host_mb = the process's "
           "ru_maxrss so far, so the baseline's is max(ours, baseline); null without warm-up")
@@ -313,7 +325,7 @@ def _run_encode(sides, frames, chunk, device, tmp, shape, meta) -> None:
         sides[i].latents.append(z)
 
     try:
-        _alternate(sides, chunk, len(frames), device, step, "enc_ms")
+        _alternate(sides, chunk, len(frames), device, step, "encode")
     finally:
         for writer in writers:
             writer.close()
@@ -329,16 +341,17 @@ def _run_decode(sides, chunk, device, tmp, w, h, fps, crf, x264_preset) -> None:
         sides[i].frames.append(out)
 
     try:
-        _alternate(sides, chunk, len(latents[0]), device, step, "dec_ms")
+        _alternate(sides, chunk, len(latents[0]), device, step, "decode")
     finally:
         for writer in writers:
             writer.close()
 
 
-def _alternate(sides, chunk: int, n: int, device, step, attr: str) -> None:
+def _alternate(sides, chunk: int, n: int, device, step, stage: str) -> None:
     """``step(i, a, b)`` over frames [0, n): side 0 in calls of ``chunk`` frames, the baseline
-    in calls of 1, taking turns (a side waits while it is ahead of the other); ms per frame are
-    appended to ``side.<attr>``. Clocks are read after a CUDA synchronize."""
+    in calls of 1, taking turns (a side waits while it is ahead of the other). Per frame, the
+    call's wall time (ms, clock read after a CUDA synchronize) and the process CPU time it took
+    (ms, all threads of this process) go to ``side.ms[stage]`` and ``side.cpu_ms[stage]``."""
     sizes = [chunk] + [1] * (len(sides) - 1)
     pos = [0] * len(sides)
     while min(pos) < n:
@@ -347,17 +360,18 @@ def _alternate(sides, chunk: int, n: int, device, step, attr: str) -> None:
                 continue
             a, b = pos[i], min(n, pos[i] + size)
             _sync(device)
-            t0 = now()
+            t0, c0 = now(), time.process_time()
             step(i, a, b)
             _sync(device)
-            took = now() - t0
-            getattr(sides[i], attr).extend([took * 1000] * (b - a))
-            sides[i].seconds[attr] += took
+            took, cpu = now() - t0, time.process_time() - c0
+            sides[i].ms[stage].extend([took * 1000] * (b - a))
+            sides[i].cpu_ms[stage].extend([cpu * 1000] * (b - a))
+            sides[i].seconds[stage] += took
             pos[i] = b
 
 
 def _summary(s: _Side) -> dict:
-    return {"encode": _stats(s.enc_ms, s.seconds["enc_ms"]), "decode": _stats(s.dec_ms, s.seconds["dec_ms"]),
+    return {**{k: _stats(s.ms[k], s.cpu_ms[k], s.seconds[k]) for k in ("encode", "decode")},
             "peak_device_mb": s.peak_device_mb, "peak_host_mb": s.peak_host_mb, "cache_hit_rate": None}
 
 
@@ -423,7 +437,8 @@ def format_table(r: dict) -> str:
         q = r["ratio"]
         lines.append(f"ratio ours/baseline p50: encode {q['encode_p50']:.3f}, decode {q['decode_p50']:.3f} "
                      f"(min: {q['encode_min']:.3f}, {q['decode_min']:.3f}; paired median: "
-                     f"{q['encode_paired_median']:.3f}, {q['decode_paired_median']:.3f})")
+                     f"{q['encode_paired_median']:.3f}, {q['decode_paired_median']:.3f}; CPU time p50: "
+                     f"{q['encode_cpu_p50']:.3f}, {q['decode_cpu_p50']:.3f})")
         lines.append(f"agreement: least PSNR {r['agreement_psnr_db']:.2f} dB, latent rel. error "
                      f"{r['latent_rel_err']:.2e}")
     o = r["ours"]

@@ -1,0 +1,175 @@
+"""The trainer on tiny synthetic data (width-8 models, 32 px crops): fast, no shared data needed."""
+
+from __future__ import annotations
+
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.models import build, load_model, save_model
+from codec.models.config import KLConfig, TinyConfig
+from codec.train import TrainConfig, Trainer
+from codec.train.__main__ import main as train_main
+from codec.train.data import FrameBank, find_sources, read_clip
+from codec.train.losses import ms_ssim
+from codec.train.lpips import LPIPS, load_lpips
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and are not slowed by a busy machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _smooth_image(i: int, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 0.5 + 0.5 * np.sin(xx / (4 + i) + i)
+    g = yy / h
+    b = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / (3 + i % 3)) ** 2).astype(np.float32) * 0.8 + 0.1
+    return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    for i in range(8):
+        Image.fromarray(_smooth_image(i, 40, 48)).save(root / f"img_{i}.png")
+    Image.fromarray(_smooth_image(9, 20, 24)).save(root / "small.png")  # below the crop: upscaled
+    Image.fromarray(_smooth_image(3, 40, 40)).save(root / "skimage_motorcycle_left.png")
+    with av.open(str(root / "clip.mp4"), "w") as box:
+        stream = box.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(12):
+            frame = np.roll(_smooth_image(t % 4, 48, 64), 2 * t, axis=1)
+            box.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        box.mux(stream.encode())
+    return root
+
+
+def _cfg(data_dir, tmp_path, **kw) -> TrainConfig:
+    base = dict(data=[str(data_dir)], out=str(tmp_path / "m.safetensors"), width=8, latent_channels=4,
+                crop=32, batch=4, steps=30, lr=3e-3, warmup=2, checkpoint_every=1000,
+                exclude=["skimage_motorcycle_*"], frames_per_clip=6, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sources_exclude_and_frames(data_dir):
+    files = find_sources([data_dir], ["skimage_motorcycle_*"])
+    assert len(files) == 10 and not any("motorcycle" in f.name for f in files)
+    frames = read_clip(data_dir / "clip.mp4", 5)
+    assert len(frames) == 5 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
+    bank = FrameBank(files, crop=32, frames_per_clip=5)
+    assert [f.name for f in bank.upscaled] == ["small.png"] and bank.n_frames == 9 + 5
+    batch = bank.sample(3, torch.Generator().manual_seed(0))
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8
+    with pytest.raises(ValueError, match="multiple of 8"):
+        FrameBank(files, crop=30)
+    with pytest.raises(ValueError, match="no such"):
+        find_sources([data_dir / "nope"])
+
+
+def test_ms_ssim_identity_and_order():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert ms_ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    assert ms_ssim(x, x + 0.05).item() > ms_ssim(x, x + 0.3 * torch.randn_like(x)).item()
+
+
+def test_loss_falls(data_dir, tmp_path):
+    trainer = Trainer(_cfg(data_dir, tmp_path))
+    losses = [trainer.step()["loss"] for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path, steps=4, gan_start=1)
+    a = Trainer(cfg)
+    a.step(), a.step()
+    ckpt = a.save_checkpoint(tmp_path / "mid.ckpt")
+    want = [a.step(), a.step()]
+    b = Trainer(cfg, resume=ckpt)
+    assert b.step_count == 2
+    got = [b.step(), b.step()]
+    assert got == want  # every loss part, bit for bit
+    for mine, theirs in ((a.model, b.model), (a.ema, b.ema), (a.disc, b.disc)):
+        sa, sb = mine.state_dict(), theirs.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("cfg", [TinyConfig(name="t", latent_channels=4, width=8),
+                                 KLConfig(name="k", latent_channels=4, block_out_channels=(8, 16),
+                                          layers_per_block=1, norm_num_groups=4)], ids=["tiny", "kl"])
+def test_decoder_only_keeps_encoder(data_dir, tmp_path, cfg):
+    init = tmp_path / "init.safetensors"
+    save_model(build(cfg), init)
+    before = load_model(init)
+    trainer = Trainer(_cfg(data_dir, tmp_path, decoder_only=True, init=str(init), steps=3, lr=1e-3))
+    trainer.run()
+    trained = load_model(trainer.cfg.out)
+    changed = 0
+    for k, v in before.state_dict().items():
+        is_encoder = not k.startswith(("decoder.", "net.decoder.", "net.post_quant_conv."))
+        for model in (trainer.model, trainer.ema):
+            if is_encoder:
+                assert torch.equal(v, model.state_dict()[k]), k
+        if is_encoder:  # the saved file is fp16: the encoder is what it was, rounded the same way
+            assert torch.equal(v.half(), trained.state_dict()[k].half()), k
+        else:
+            changed += not torch.equal(v, trainer.model.state_dict()[k])
+    assert changed > 0
+    with pytest.raises(ValueError, match="--init"):
+        _cfg(data_dir, tmp_path, decoder_only=True)
+
+
+def test_cli_writes_a_loadable_model(data_dir, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    rc = train_main([str(data_dir), "--out", str(out), "--width", "8", "--latent-channels", "4",
+                     "--crop", "32", "--batch", "2", "--steps", "3", "--checkpoint-every", "2",
+                     "--exclude", "skimage_motorcycle_*", "--threads", "1"])
+    assert rc == 0 and (tmp_path / "cli.ckpt").is_file() and (tmp_path / "cli_loss.png").is_file()
+    model = load_model(out)
+    assert model.latent_channels == 4 and model.dtype == torch.float32
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    z = model.encode(x)
+    assert z.shape == (1, 4, 4, 6) and model.decode(z).shape == x.shape
+    assert train_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_gan_and_lpips_step(data_dir, tmp_path):
+    # Random LPIPS weights: this checks the plumbing, not perceptual quality.
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    lp_file = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(lp_file))
+    trainer = Trainer(_cfg(data_dir, tmp_path, batch=2, gan_start=0, lpips=str(lp_file)))
+    parts = trainer.step()
+    assert {"l1", "ms_ssim", "lpips", "g_loss", "gan_w", "d_loss", "loss"} <= set(parts)
+    assert all(math.isfinite(v) for v in parts.values())
+
+
+def test_lpips_accepts_package_key_names(tmp_path):
+    state = LPIPS().state_dict()
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith("features."):
+            i = int(k.split(".")[1])
+            s = 1 + sum(i > t for t in (3, 8, 15, 22))
+            k = f"net.slice{s}.{k.removeprefix('features.')}"
+        else:
+            k = f"lin{k.split('.')[1]}.model.1.weight"
+        renamed[k] = v
+    torch.save(renamed, tmp_path / "lpips.pth")
+    net = load_lpips(tmp_path / "lpips.pth")
+    assert torch.equal(net.lins[4].weight, state["lins.4.weight"])
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not an LPIPS"):
+        load_lpips(tmp_path / "bad.pth")
