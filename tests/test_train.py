@@ -70,6 +70,10 @@ def test_sources_exclude_and_frames(data_dir):
     assert [f.name for f in bank.upscaled] == ["small.png"] and bank.n_frames == 9 + 5
     batch = bank.sample(3, torch.Generator().manual_seed(0))
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8
+    colored = FrameBank(files, crop=32, frames_per_clip=5, color_aug=True)
+    a = colored.sample(16, torch.Generator().manual_seed(0)).float().mean((2, 3))
+    b = bank.sample(16, torch.Generator().manual_seed(0)).float().mean((2, 3))
+    assert not torch.equal(a, b)  # some crops had their channels reordered
     with pytest.raises(ValueError, match="multiple of 8"):
         FrameBank(files, crop=30)
     with pytest.raises(ValueError, match="no such"):

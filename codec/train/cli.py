@@ -45,6 +45,7 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave out files whose name or path matches (repeatable)")
     p.add_argument("--frames-per-clip", type=int, default=64, help="frames kept per video, evenly spread")
+    p.add_argument("--color-aug", action="store_true", help="permute the RGB channels of each crop at random")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its settings win)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: <out>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
@@ -67,7 +68,7 @@ def config_from_args(args: argparse.Namespace):
         width=args.width, decoder_only=args.decoder_only, init=args.init, steps=args.steps,
         batch=args.batch, crop=args.crop, lr=args.lr, ssim_weight=args.ssim_weight, gan_start=args.gan_start,
         gan_weight=args.gan_weight, lpips=args.lpips, lpips_weight=args.lpips_weight, exclude=args.exclude,
-        frames_per_clip=args.frames_per_clip, device=args.device, checkpoint=args.checkpoint,
+        frames_per_clip=args.frames_per_clip, color_aug=args.color_aug, device=args.device, checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, ema_decay=args.ema_decay,
         seed=args.seed, threads=args.threads)
 

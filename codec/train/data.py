@@ -2,7 +2,8 @@
 
 Every source (an image, or a clip of which up to ``frames_per_clip`` frames are kept, sampled
 evenly across it) is decoded to uint8 RGB once. A batch picks a source uniformly, then one of its
-frames uniformly, then a random ``crop`` x ``crop`` window, flipped horizontally half the time.
+frames uniformly, then a random ``crop`` x ``crop`` window, flipped horizontally half the time
+(and, with ``color_aug``, its RGB channels put in a random order).
 All randomness comes from one ``torch.Generator`` whose state the trainer checkpoints.
 
 Frames smaller than the crop on either side are **upscaled** (bicubic, aspect kept) until the
@@ -108,10 +109,10 @@ class FrameBank:
     ``sample(batch, generator)`` -> (batch, 3, crop, crop) uint8 RGB tensor.
     """
 
-    def __init__(self, files: list[Path], crop: int, frames_per_clip: int = 64):
+    def __init__(self, files: list[Path], crop: int, frames_per_clip: int = 64, color_aug: bool = False):
         if crop < 8 or crop % 8:
             raise ValueError(f"--crop must be a positive multiple of 8, got {crop}")
-        self.crop = crop
+        self.crop, self.color_aug = crop, color_aug
         self.files = list(files)
         self.sources: list[list[torch.Tensor]] = []
         self.upscaled: list[Path] = []  # sources smaller than the crop (upscaled, not skipped)
@@ -141,5 +142,7 @@ class FrameBank:
             patch = frame[:, y:y + c, x:x + c]
             if bool(torch.rand((), generator=generator) < 0.5):
                 patch = patch.flip(-1)
+            if self.color_aug:  # a random order of the RGB channels: colours the data may lack
+                patch = patch[torch.randperm(3, generator=generator)]
             out[i] = patch
         return out

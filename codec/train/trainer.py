@@ -54,6 +54,7 @@ class TrainConfig:
     lpips_weight: float = 1.0
     exclude: list[str] = field(default_factory=list)
     frames_per_clip: int = 64
+    color_aug: bool = False
     device: str = "cpu"
     checkpoint: str | None = None  # None: <out without suffix>.ckpt
     checkpoint_every: int = 500
@@ -123,7 +124,7 @@ class Trainer:
         self.files = find_sources(cfg.data, cfg.exclude)
         if ckpt is not None and ckpt["files"] != [str(f) for f in self.files]:
             raise ValueError(f"{resume}: the training files differ from the checkpoint's run")
-        self.bank = FrameBank(self.files, cfg.crop, cfg.frames_per_clip)
+        self.bank = FrameBank(self.files, cfg.crop, cfg.frames_per_clip, cfg.color_aug)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
         self.model = self._build_model(ckpt).to(self.device)
@@ -284,7 +285,7 @@ class Trainer:
             "ema_decay": cfg.ema_decay, "seed": cfg.seed, "device": str(self.device),
             "threads": torch.get_num_threads(), "wall_s": round(self.wall, 1),
             "losses": self.loss_names(), "decoder_only": cfg.decoder_only, "init": cfg.init,
-            "files": [Path(f).name for f in self.files], "frames": self.bank.n_frames,
+            "color_aug": cfg.color_aug, "files": [Path(f).name for f in self.files], "frames": self.bank.n_frames,
             "torch": torch.__version__, "python": platform.python_version(),
         }
         return {"training": json.dumps(facts)}
