@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise
