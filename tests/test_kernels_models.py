@@ -3,13 +3,12 @@ convolution) against diffusers: the same 1e-5 contract as the torch reference pa
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 import kernels
 from codec.models import build
+from codec.models.layouts import tiny_diffusers_to_taesd
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (dev extra) is the reference")
 
@@ -40,11 +39,7 @@ def test_tiny_with_fused_upsample_matches_diffusers():
     torch.manual_seed(0)
     ref = diffusers.AutoencoderTiny(latent_channels=4).eval()
     model = build("taesd")
-    state = {}
-    for k, v in ref.state_dict().items():
-        m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-        state[f"{m[1]}.{int(m[2]) + (m[1] == 'decoder')}.{m[3]}"] = v
-    model.load_state_dict(state)
+    model.load_state_dict(tiny_diffusers_to_taesd(ref.state_dict()), strict=True)
     z = torch.randn(2, 4, 5, 3)
     with torch.no_grad():
         assert rel(model.decode(z), ref.decode(z).sample) < 1e-5

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from codec.models import PRESETS, build, load_model
+from codec.models.layouts import tiny_diffusers_to_taesd
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (dev extra) is the reference")
 
@@ -91,11 +92,7 @@ def test_tiny_matches_diffusers():
     torch.manual_seed(0)
     ref = diffusers.AutoencoderTiny(latent_channels=4).eval()
     model = build("taesd")
-    state = {}
-    for k, v in ref.state_dict().items():
-        m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-        state[f"{m.group(1)}.{int(m.group(2)) + (m.group(1) == 'decoder')}.{m.group(3)}"] = v
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(tiny_diffusers_to_taesd(ref.state_dict()), strict=True)
     x = torch.rand(2, 3, 32, 40) * 2 - 1
     with torch.no_grad():
         assert rel_err(model.encode(x), ref.encode(x).latents) < REL_TOL
