@@ -153,7 +153,8 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         except ValueError as e:
             raise ValueError(f"{src}: the model recorded in the file ({meta['model_id']}) could not be "
                              f"loaded; pass --model ({e})") from None
-    model = _model(model, device, dtype)
+    else:
+        model = _model(model, device, dtype)
     check_compatible(meta, model.latent_channels, model.family, model.name)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)

@@ -126,8 +126,12 @@ class TileLayout:
         """tiles (N*K, C, th*scale, tw*scale), frame-major -> (N, C, H*scale, W*scale) float32."""
         if self.is_whole_frame:
             return tiles.float()
-        if windows is None:
-            windows = self.windows(scale, device=tiles.device)
+        if windows is None:  # computed once per scale and device, not per batch
+            key = (scale, tiles.device)
+            cached = self.__dict__.setdefault("_windows", {})
+            if key not in cached:
+                cached[key] = self.windows(scale, device=tiles.device)
+            windows = cached[key]
         k = len(self)
         origins = torch.tensor([(f, y * scale, x * scale) for f in range(frames) for y, x in self.origins],
                                dtype=torch.int64, device=tiles.device)
