@@ -14,7 +14,7 @@ from codec.models import build, load_model, save_model
 from codec.models.config import KLConfig, TinyConfig
 from codec.train import TrainConfig, Trainer
 from codec.train.__main__ import main as train_main
-from codec.train.data import FrameBank, find_sources, read_clip
+from codec.train.data import FrameBank, find_sources, jitter_colors, read_clip
 from codec.train.losses import ms_ssim
 from codec.train.lpips import LPIPS, load_lpips
 
@@ -73,11 +73,24 @@ def test_sources_exclude_and_frames(data_dir):
     colored = FrameBank(files, crop=32, frames_per_clip=5, color_aug=True)
     a = colored.sample(16, torch.Generator().manual_seed(0)).float().mean((2, 3))
     b = bank.sample(16, torch.Generator().manual_seed(0)).float().mean((2, 3))
-    assert not torch.equal(a, b)  # some crops had their channels reordered
+    assert not torch.equal(a, b)  # some crops had their colours jittered
     with pytest.raises(ValueError, match="multiple of 8"):
         FrameBank(files, crop=30)
     with pytest.raises(ValueError, match="no such"):
         find_sources([data_dir / "nope"])
+
+
+def test_jitter_colors_reaches_new_colours():
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.full((3, 8, 8), 128, dtype=torch.uint8)
+    tints = torch.stack([jitter_colors(grey, gen).float().mean((1, 2)) for _ in range(32)])
+    assert (tints.max(1).values - tints.min(1).values).max() > 30  # grey input, coloured output
+    red = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    red[0] = 200
+    outs = [jitter_colors(red, gen) for _ in range(32)]
+    assert all(o.dtype == torch.uint8 and o.shape == red.shape for o in outs)
+    dominant = {int(o.float().mean((1, 2)).argmax()) for o in outs}
+    assert dominant == {0, 1, 2}  # the red crop came back red, green and blue
 
 
 def test_ms_ssim_identity_and_order():
