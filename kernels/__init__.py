@@ -1,6 +1,6 @@
 """Triton kernels with pure-torch references; one dispatch rule for all (see ``_dispatch``)."""
 
-from ._dispatch import HAVE_TRITON, force_reference, interpreting, reference_forced, use_triton
+from ._dispatch import HAVE_TRITON, force_reference, interpreting, reference_forced, unusable_kernels, use_triton
 from .blend import blend_tiles, ramp_window
 from .frames import frames_to_input, output_to_frames
 from .group_norm import group_norm, group_norm_apply, group_norm_stats, merge_group_stats
@@ -21,6 +21,7 @@ __all__ = [
     "ramp_window",
     "reference_forced",
     "tile_change",
+    "unusable_kernels",
     "use_triton",
     "fold_weight",
     "upsample_conv3x3",

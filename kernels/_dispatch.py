@@ -6,6 +6,10 @@ Everything else, and any call made while the reference is forced, runs the pure-
 
 Force the reference with the environment variable ``CODEC_KERNELS=reference``, with
 :func:`force_reference` (a context manager), or per call with ``reference=True``.
+
+A kernel that Triton cannot compile or launch on this machine (a compiler error, too little shared
+memory, ptxas failing) is not fatal: :func:`triton_or_reference` warns once and that kernel runs
+its reference from then on, so a new GPU or Triton version degrades speed, never results.
 """
 
 from __future__ import annotations
@@ -13,17 +17,27 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 try:  # Triton is optional: macOS and Windows wheels do not exist.
-    import triton  # noqa: F401
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     HAVE_TRITON = True
+    # What a kernel that cannot be built or launched on this GPU raises (never a wrong input:
+    # every launcher checks its inputs before launching).
+    LAUNCH_ERRORS: tuple[type[Exception], ...] = (CompilationError, OutOfResources, PTXASError)
 except Exception:  # pragma: no cover - depends on the platform
     HAVE_TRITON = False
+    LAUNCH_ERRORS = ()
 
 _state = threading.local()
+_unusable: dict[str, str] = {}  # kernel name -> why Triton could not run it here
+T = TypeVar("T")
 
 
 def interpreting() -> bool:
@@ -55,3 +69,24 @@ def use_triton(*tensors: torch.Tensor, reference: bool = False) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def triton_or_reference(name: str, triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
+    """``triton_call()``, or ``reference_call()`` once Triton has failed to build or launch ``name``.
+
+    The first such failure warns (naming the kernel and the error) and is remembered for the
+    process; other errors propagate.
+    """
+    if name not in _unusable:
+        try:
+            return triton_call()
+        except LAUNCH_ERRORS as err:
+            _unusable[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(f"kernels.{name}: Triton cannot run it here ({_unusable[name]}); "
+                          "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)
+    return reference_call()
+
+
+def unusable_kernels() -> dict[str, str]:
+    """Kernels that fell back to their reference in this process, with the reason."""
+    return dict(_unusable)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._dispatch import HAVE_TRITON, use_triton
+from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -110,9 +110,15 @@ def blend_tiles(tiles, origins, window, out_shape, reference=False):
     0 where none does.
     """
     _check(tiles, origins, window, out_shape)
-    fr, c, h, w = (int(s) for s in out_shape)
+    shape = tuple(int(s) for s in out_shape)
     if not use_triton(tiles, origins, window, reference=reference):
-        return _reference(tiles, origins.to(torch.int64), window, (fr, c, h, w))
+        return _reference(tiles, origins.to(torch.int64), window, shape)
+    return triton_or_reference("blend_tiles", lambda: _blend_triton(tiles, origins, window, shape),
+                               lambda: _reference(tiles, origins.to(torch.int64), window, shape))
+
+
+def _blend_triton(tiles, origins, window, out_shape):
+    fr, c, h, w = out_shape
     k, _, th, tw = tiles.shape
     num = torch.zeros((fr, c, h, w), device=tiles.device, dtype=torch.float32)
     den = torch.zeros((fr, 1, h, w), device=tiles.device, dtype=torch.float32)

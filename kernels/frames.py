@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, use_triton
+from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
 
 _INV255 = 1.0 / 255.0
 
@@ -100,6 +100,12 @@ def frames_to_input(frames, size=None, dtype=torch.float32, channels_last=False,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if not use_triton(frames, reference=reference):
         return _input_reference(frames, h2, w2, dtype, fmt)
+    return triton_or_reference("frames_to_input", lambda: _input_triton(frames, h2, w2, dtype, fmt),
+                               lambda: _input_reference(frames, h2, w2, dtype, fmt))
+
+
+def _input_triton(frames, h2, w2, dtype, fmt):
+    n, h, w, _ = frames.shape
     out = torch.empty((n, 3, h2, w2), device=frames.device, dtype=dtype, memory_format=fmt)
     block = _block(w2 * 3)
     if out.numel():
@@ -133,6 +139,12 @@ def output_to_frames(x, height=None, width=None, reference=False):
         raise ValueError(f"crop {(height, width)} must lie within the tensor's {(h, w)}")
     if not use_triton(x, reference=reference):
         return _frames_reference(x, height, width)
+    return triton_or_reference("output_to_frames", lambda: _frames_triton(x, height, width),
+                               lambda: _frames_reference(x, height, width))
+
+
+def _frames_triton(x, height, width):
+    n = x.shape[0]
     out = torch.empty((n, height, width, 3), device=x.device, dtype=torch.uint8)
     block = _block(width * 3)
     if out.numel():

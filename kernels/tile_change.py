@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, use_triton
+from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -63,6 +63,10 @@ def tile_change(current, reference_tiles, reference=False):
         raise TypeError(f"tiles must be uint8 or float, got {a.dtype}")
     if not use_triton(a, b, reference=reference):
         return _reference(a, b)
+    return triton_or_reference("tile_change", lambda: _triton(a, b), lambda: _reference(a, b))
+
+
+def _triton(a, b):
     k = a.shape[0]
     a = a.reshape(k, -1).contiguous()
     b = b.reshape(k, -1).contiguous()

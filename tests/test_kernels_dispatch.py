@@ -1,11 +1,14 @@
 """The dispatch rule: which calls reach the Triton launchers and which the torch reference."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 import kernels
+from kernels import _dispatch as dispatch
 
 # Every Triton kernel object, by module; replaced by Boom so a launch is detectable.
 LAUNCHERS = {
@@ -34,7 +37,7 @@ def boom(monkeypatch):
 
 
 def _calls(reference=False):
-    x = torch.randn(1, 6, 2, 3)
+    x = torch.randn(1, 6, 2, 3, generator=torch.Generator().manual_seed(0))
     frames = torch.zeros(1, 2, 3, 3, dtype=torch.uint8)
     tiles = torch.zeros(2, 3, 2, 2)
     mean, rstd = torch.zeros(1, 3), torch.ones(1, 3)
@@ -80,3 +83,48 @@ def test_cpu_without_interpreter_goes_to_reference(boom, monkeypatch):
     assert not kernels.use_triton(torch.zeros(1))
     for call in _calls():
         call()
+
+
+class NoResources:
+    """A kernel that the GPU cannot launch (too much shared memory), counting its launches."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise OutOfResources(232448, 101376, "shared memory")
+        return launch
+
+
+def test_a_kernel_triton_cannot_launch_falls_back_to_its_reference(monkeypatch):
+    monkeypatch.setattr(dispatch, "_unusable", {})
+    broken = {}
+    for module, names in LAUNCHERS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            broken[name] = NoResources()
+            monkeypatch.setattr(mod, name, broken[name])
+    expected = [call() for call in _calls(reference=True)]
+    with pytest.warns(RuntimeWarning, match="Triton cannot run it here .*OutOfResources"):
+        first = [call() for call in _calls()]
+    launches = sum(k.launches for k in broken.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per kernel, not per call
+        second = [call() for call in _calls()]
+    assert sum(k.launches for k in broken.values()) == launches  # no second try
+    assert set(kernels.unusable_kernels()) == {"group_norm", "group_norm_stats", "group_norm_apply",
+                                               "frames_to_input", "output_to_frames", "tile_change",
+                                               "blend_tiles"}
+    for want, a, b in zip(expected, first, second):
+        for w, x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (want, a, b))):
+            torch.testing.assert_close(x, w, rtol=0, atol=0)
+            torch.testing.assert_close(y, w, rtol=0, atol=0)
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    monkeypatch.setattr(dispatch, "_unusable", {})
+    with pytest.raises(ZeroDivisionError):
+        dispatch.triton_or_reference("k", lambda: 1 / 0, lambda: 0)
+    assert "k" not in kernels.unusable_kernels()
