@@ -149,15 +149,19 @@ def main(argv=None) -> int:
     import triton
 
     device_name = torch.cuda.get_device_name()
+    # A kernel Triton could not build here ran (and was timed as) its reference: say so loudly.
+    fallbacks = kernels.unusable_kernels()
+    for name, why in fallbacks.items():
+        print(f"FALLBACK: kernels.{name} ran its torch reference ({why}); its row is not a Triton figure")
     meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), reps=args.reps,
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+                date=datetime.datetime.now().isoformat(timespec="seconds"), fallbacks=fallbacks)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
     path = args.out / f"gpu-kernels-{slug}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     print(f"\nwrote {path}")
-    return 0
+    return 1 if fallbacks else 0
 
 
 if __name__ == "__main__":

@@ -551,6 +551,9 @@ def main(argv=None) -> int:
             run_child(case, args, min(args.compile_cap, left), rows)
             write_report(stem, meta, rows, notes)
     meta["wall_s"] = time.perf_counter() - t_start
+    meta["kernel_fallbacks"] = kernels.unusable_kernels()  # ours ran as torch references if any
+    for name, why in meta["kernel_fallbacks"].items():
+        notes.append(f"FALLBACK: kernels.{name} ran its torch reference here ({why})")
     write_report(stem, meta, rows, notes)
     print(f"\n{device_name}, {meta['dtype']}, batch 1 (ms per frame); wall {meta['wall_s']:.0f} s")
     print("\n".join(table(summarize(rows, targets=not args.smoke))))
@@ -558,7 +561,7 @@ def main(argv=None) -> int:
     failed = [r for r in rows if str(r.get("status", "")).startswith(("FAIL", "error"))]
     for r in failed:
         print(f"problem: {r['case']} {r['op']} {r['variant']}: {r['status']}")
-    return 1 if failed else 0
+    return 1 if failed or meta["kernel_fallbacks"] else 0
 
 
 if __name__ == "__main__":

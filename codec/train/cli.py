@@ -45,7 +45,8 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave out files whose name or path matches (repeatable)")
     p.add_argument("--frames-per-clip", type=int, default=64, help="frames kept per video, evenly spread")
-    p.add_argument("--color-aug", action="store_true", help="jitter colours: random channel order, saturation and channel gains")
+    p.add_argument("--color-aug", action="store_true",
+                   help="jitter colours: random channel order, saturation and channel gains")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its settings win)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: <out>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
