@@ -106,6 +106,17 @@ def test_loss_falls(data_dir, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
+def test_pca_init_starts_far_ahead_of_random_weights(data_dir, tmp_path):
+    kw = dict(width=16, latent_channels=8, lr=1e-5)
+    random_start = Trainer(_cfg(data_dir, tmp_path, resample="shuffle", **kw))
+    pca_start = Trainer(_cfg(data_dir, tmp_path / "p", pca_init=True, **kw))
+    assert pca_start.cfg.resample == "shuffle" and pca_start.model.config.resample == "shuffle"
+    first_random, first_pca = random_start.step(), pca_start.step()
+    assert first_pca["l1"] < 0.25 * first_random["l1"] and first_pca["ms_ssim"] > 0.9
+    with pytest.raises(ValueError, match="pca-init"):
+        _cfg(data_dir, tmp_path, pca_init=True, init="x.safetensors")
+
+
 def test_resume_is_exact(data_dir, tmp_path):
     cfg = _cfg(data_dir, tmp_path, steps=4, gan_start=1)
     a = Trainer(cfg)

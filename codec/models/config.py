@@ -42,9 +42,17 @@ class TinyConfig:
     width: int = 64
     # Optional GroupNorm branch in the blocks next to the latent (TAEF2 has it).
     midblock_groupnorm: bool = False
+    # How each 2x step resamples. "nearest": TAESD's stride-2 conv / nearest upsample + conv.
+    # "shuffle": pixel unshuffle + conv / conv to 4x width + pixel shuffle (same arithmetic; it
+    # can express an exact linear block transform, which is how `codec train --pca-init` starts).
+    resample: str = "nearest"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     family: str = field(default="tiny", init=False)
+
+    def __post_init__(self):
+        if self.resample not in ("nearest", "shuffle"):
+            raise ValueError(f"resample must be 'nearest' or 'shuffle', got {self.resample!r}")
 
     @property
     def downscale(self) -> int:

@@ -59,11 +59,15 @@ def tiny_encoder(cfg: TinyConfig) -> nn.Sequential:
     """(N,3,H,W) in [0,1] -> (N,C,H/8,W/8) latents."""
     w, gn = cfg.width, cfg.midblock_groupnorm
 
-    def stage():  # stride-2 conv then three blocks
-        return [conv3x3(w, w, stride=2, bias=False), Block(w), Block(w), Block(w)]
+    def down():
+        if cfg.resample == "shuffle":
+            return [nn.PixelUnshuffle(2), conv3x3(4 * w, w, bias=False)]
+        return [conv3x3(w, w, stride=2, bias=False)]
 
-    last = [conv3x3(w, w, stride=2, bias=False), Block(w, gn), Block(w, gn), Block(w, gn)]
-    return nn.Sequential(conv3x3(3, w), Block(w), *stage(), *stage(), *last,
+    return nn.Sequential(conv3x3(3, w), Block(w),
+                         *down(), Block(w), Block(w), Block(w),
+                         *down(), Block(w), Block(w), Block(w),
+                         *down(), Block(w, gn), Block(w, gn), Block(w, gn),
                          conv3x3(w, cfg.latent_channels))
 
 
@@ -92,6 +96,8 @@ def tiny_decoder(cfg: TinyConfig) -> nn.Sequential:
     w, gn = cfg.width, cfg.midblock_groupnorm
 
     def up():
+        if cfg.resample == "shuffle":
+            return [conv3x3(w, 4 * w, bias=False), nn.PixelShuffle(2)]
         return [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
 
     return TinyDecoder(

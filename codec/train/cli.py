@@ -28,6 +28,10 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="tiny", choices=["tiny"], help="architecture for training from scratch")
     p.add_argument("--latent-channels", type=int, default=16, help="latent channels (from scratch)")
     p.add_argument("--width", type=int, default=64, help="conv width of the tiny family (64 = TAESD)")
+    p.add_argument("--resample", default="nearest", choices=["nearest", "shuffle"],
+                   help="tiny family from scratch: TAESD's nearest/stride-2 resampling or pixel (un)shuffle")
+    p.add_argument("--pca-init", action="store_true",
+                   help="from scratch: start as the exact PCA codec of 8x8 patches (implies --resample shuffle)")
     p.add_argument("--decoder-only", action="store_true", help="freeze the encoder of --init, train the decoder")
     p.add_argument("--init", metavar="MODEL", help="start from this model (any file load_model reads)")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
@@ -66,7 +70,8 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--out must end in .safetensors, got {out.name}")
     return TrainConfig(
         data=list(args.data), out=str(out), family=args.family, latent_channels=args.latent_channels,
-        width=args.width, decoder_only=args.decoder_only, init=args.init, steps=args.steps,
+        width=args.width, resample=args.resample, pca_init=args.pca_init, decoder_only=args.decoder_only,
+        init=args.init, steps=args.steps,
         batch=args.batch, crop=args.crop, lr=args.lr, ssim_weight=args.ssim_weight, gan_start=args.gan_start,
         gan_weight=args.gan_weight, lpips=args.lpips, lpips_weight=args.lpips_weight, exclude=args.exclude,
         frames_per_clip=args.frames_per_clip, color_aug=args.color_aug, device=args.device, checkpoint=args.checkpoint,

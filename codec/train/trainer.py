@@ -25,6 +25,7 @@ from codec.models import Autoencoder, KLConfig, TinyConfig, build, load_model, s
 
 from .data import FrameBank, find_sources
 from .losses import PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from .pca_init import pca_autoencoder
 
 CKPT_FORMAT = "codec-train-checkpoint/1"
 
@@ -38,6 +39,9 @@ class TrainConfig:
     family: str = "tiny"
     latent_channels: int = 16
     width: int = 64
+    resample: str = "nearest"  # tiny family from scratch: "nearest" (TAESD) or "shuffle"
+    pca_init: bool = False  # from scratch: start as the PCA block codec (see pca_init.py)
+    pca_crops: int = 2000  # random crops the PCA is fitted on
     decoder_only: bool = False
     init: str | None = None
     steps: int = 1000
@@ -70,6 +74,10 @@ class TrainConfig:
         if not self.decoder_only and self.init is None and self.family != "tiny":
             raise ValueError("training from scratch supports --family tiny only; fine-tune a KL model "
                              "with --decoder-only --init MODEL")
+        if self.pca_init:
+            if self.init or self.decoder_only:
+                raise ValueError("--pca-init starts a model from scratch; it excludes --init and --decoder-only")
+            self.resample = "shuffle"  # the PCA start needs pixel (un)shuffle
         for name in ("steps", "batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -160,8 +168,14 @@ class Trainer:
         elif cfg.init:
             model = load_model(cfg.init)
         else:
-            model = build(TinyConfig(name=f"tiny-c{cfg.latent_channels}-w{cfg.width}",
-                                     latent_channels=cfg.latent_channels, width=cfg.width))
+            arch = TinyConfig(name=f"tiny-c{cfg.latent_channels}-w{cfg.width}" +
+                              ("-shuffle" if cfg.resample == "shuffle" else ""),
+                              latent_channels=cfg.latent_channels, width=cfg.width, resample=cfg.resample)
+            if cfg.pca_init:
+                crops = self.bank.sample(cfg.pca_crops, torch.Generator().manual_seed(cfg.seed + 2))
+                model = pca_autoencoder(crops.float() / 255, arch)
+            else:
+                model = build(arch)
         return model.float().train()
 
     def _load_state(self, ckpt: dict) -> None:
@@ -285,7 +299,8 @@ class Trainer:
             "ema_decay": cfg.ema_decay, "seed": cfg.seed, "device": str(self.device),
             "threads": torch.get_num_threads(), "wall_s": round(self.wall, 1),
             "losses": self.loss_names(), "decoder_only": cfg.decoder_only, "init": cfg.init,
-            "color_aug": cfg.color_aug, "files": [Path(f).name for f in self.files], "frames": self.bank.n_frames,
+            "color_aug": cfg.color_aug, "pca_init": cfg.pca_init,
+            "files": [Path(f).name for f in self.files], "frames": self.bank.n_frames,
             "torch": torch.__version__, "python": platform.python_version(),
         }
         return {"training": json.dumps(facts)}
