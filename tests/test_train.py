@@ -111,8 +111,13 @@ def test_pca_init_starts_far_ahead_of_random_weights(data_dir, tmp_path):
     random_start = Trainer(_cfg(data_dir, tmp_path, resample="shuffle", **kw))
     pca_start = Trainer(_cfg(data_dir, tmp_path / "p", pca_init=True, **kw))
     assert pca_start.cfg.resample == "shuffle" and pca_start.model.config.resample == "shuffle"
+    before = {k: v.clone() for k, v in pca_start.model.state_dict().items()}
     first_random, first_pca = random_start.step(), pca_start.step()
     assert first_pca["l1"] < 0.25 * first_random["l1"] and first_pca["ms_ssim"] > 0.9
+    pca_start.step()
+    after = pca_start.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".conv." in k for k in changed)  # only the residual blocks train
     with pytest.raises(ValueError, match="pca-init"):
         _cfg(data_dir, tmp_path, pca_init=True, init="x.safetensors")
 

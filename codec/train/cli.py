@@ -31,14 +31,15 @@ def fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", default="nearest", choices=["nearest", "shuffle"],
                    help="tiny family from scratch: TAESD's nearest/stride-2 resampling or pixel (un)shuffle")
     p.add_argument("--pca-init", action="store_true",
-                   help="from scratch: start as the exact PCA codec of 8x8 patches (implies --resample shuffle)")
+                   help="from scratch: start as the exact PCA codec of 8x8 patches and train its residual blocks "
+                        "(implies --resample shuffle)")
     p.add_argument("--decoder-only", action="store_true", help="freeze the encoder of --init, train the decoder")
     p.add_argument("--init", metavar="MODEL", help="start from this model (any file load_model reads)")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
     p.add_argument("--batch", type=int, default=8, help="crops per step")
     p.add_argument("--crop", type=int, default=128, help="crop size in pixels (multiple of 8)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate "
-                   "(default 5e-4 from scratch, 1e-4 with --decoder-only)")
+                   "(default 5e-4 from scratch, 1e-4 with --decoder-only or --pca-init)")
     p.add_argument("--ssim-weight", type=float, default=1.0, help="weight of (1 - MS-SSIM)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
     p.add_argument("--gan-start", type=int, default=None, metavar="N",

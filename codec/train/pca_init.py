@@ -4,7 +4,14 @@ A linear transform of 8x8x3 patches that keeps their 16 principal components alr
 Kodak at about 28.5 dB, while a tiny autoencoder trained from random weights on a CPU for an hour
 stays near 22 dB. So ``codec train --pca-init`` builds the network (``resample="shuffle"``, where
 pixel (un)shuffle makes block transforms expressible) with weights that compute exactly that codec,
-then trains it end to end: training starts at the linear optimum instead of at noise.
+then trains the residual blocks on top: training starts at the linear optimum instead of at noise.
+
+Only the residual blocks train (``residual_parameters``); the fitted linear path stays fixed.
+Measured on the shared training data (48 held crops, width 32, Adam): training everything at
+lr 1e-4 took the start from 35.6 dB to 25.8 dB in 50 steps (Adam moves each of the many zero
+weights of the linear path by ~lr per step, which adds up to noise at every pixel), and to
+29.3 dB when only the linear path trained; the blocks alone, with their hidden convs started 10x
+smaller than usual, went from 35.6 to 36.1 dB in 100 steps.
 
 How the ReLU network stays linear: every residual block starts with its last conv at zero (the
 block is then the identity on non-negative input), one channel carries the constant 1 through
@@ -27,8 +34,14 @@ from torch import nn
 from codec.models import Autoencoder, TinyConfig
 from codec.models.tiny import Block
 
+BRANCH_INIT_SCALE = 0.1  # residual branches start this much smaller than PyTorch's default init
 LATENT_STD = 0.25  # latent std at the start: small enough that the decoder's tanh clamp is ~linear
 MARGIN = 1.25  # offsets cover this multiple of the most negative value seen in the fitting data
+
+
+def residual_parameters(model: Autoencoder) -> list[nn.Parameter]:
+    """The parameters of the residual blocks: what trains after a PCA start."""
+    return [q for m in model.modules() if isinstance(m, Block) for q in m.parameters()]
 
 
 def patch_pca(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,6 +123,9 @@ def pca_autoencoder(images: torch.Tensor, cfg: TinyConfig) -> Autoencoder:
         if isinstance(m, Block):  # identity on non-negative input
             nn.init.zeros_(m.conv[4].weight)
             nn.init.zeros_(m.conv[4].bias)
+            with torch.no_grad():  # small hidden activations: Adam's first steps on conv[4] stay small
+                m.conv[0].weight.mul_(BRANCH_INIT_SCALE)
+                m.conv[2].weight.mul_(BRANCH_INIT_SCALE)
     enc, dec = model.encoder, model.decoder
     f64 = dict(dtype=torch.float64)
 

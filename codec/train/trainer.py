@@ -25,7 +25,7 @@ from codec.models import Autoencoder, KLConfig, TinyConfig, build, load_model, s
 
 from .data import FrameBank, find_sources
 from .losses import PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from .pca_init import pca_autoencoder
+from .pca_init import pca_autoencoder, residual_parameters
 
 CKPT_FORMAT = "codec-train-checkpoint/1"
 
@@ -40,7 +40,7 @@ class TrainConfig:
     latent_channels: int = 16
     width: int = 64
     resample: str = "nearest"  # tiny family from scratch: "nearest" (TAESD) or "shuffle"
-    pca_init: bool = False  # from scratch: start as the PCA block codec (see pca_init.py)
+    pca_init: bool = False  # from scratch: start as the PCA block codec, train the blocks (pca_init.py)
     pca_crops: int = 2000  # random crops the PCA is fitted on
     decoder_only: bool = False
     init: str | None = None
@@ -82,7 +82,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is None:
-            self.lr = 1e-4 if self.decoder_only else 5e-4
+            self.lr = 1e-4 if self.decoder_only or self.pca_init else 5e-4
 
     @property
     def checkpoint_path(self) -> Path:
@@ -140,6 +140,10 @@ class Trainer:
             self.model.requires_grad_(False)
             for m in decoder_modules(self.model):
                 m.requires_grad_(True)
+        if cfg.pca_init:  # the fitted linear path stays fixed; the residual blocks learn (pca_init.py)
+            self.model.requires_grad_(False)
+            for q in residual_parameters(self.model):
+                q.requires_grad_(True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
