@@ -170,6 +170,11 @@ def test_cli_writes_a_loadable_model(data_dir, tmp_path):
     assert rc == 0 and (tmp_path / "cli.ckpt").is_file() and (tmp_path / "cli_loss.png").is_file()
     model = load_model(out)
     assert model.latent_channels == 4 and model.dtype == torch.float32
+    # From scratch: latents published zero-mean, unit-variance (measured on other crops here).
+    bank = FrameBank(find_sources([data_dir], ["skimage_motorcycle_*"]), 32, 6)
+    crops = bank.sample(32, torch.Generator().manual_seed(9))
+    z_all = model.encode(crops.float() / 127.5 - 1)
+    assert model.scaling_factor != 1.0 and abs(z_all.mean().item()) < 0.3 and 0.7 < z_all.std().item() < 1.3
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     z = model.encode(x)
     assert z.shape == (1, 4, 4, 6) and model.decode(z).shape == x.shape

@@ -319,9 +319,27 @@ class Trainer:
             names.append(f"hinge PatchGAN from step {self.cfg.gan_start} (adaptive weight x{self.cfg.gan_weight:g})")
         return " + ".join(names)
 
+    @torch.no_grad()
+    def latent_statistics(self, crops: int = 64) -> tuple[float, float]:
+        """Mean and std of the EMA model's raw latents over ``crops`` fixed training crops."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + 3)
+        x = self.bank.sample(crops, gen).to(self.device).float() / 127.5 - 1
+        z = self.ema._encode_raw(x, sample=False, generator=None).float()
+        return z.mean().item(), z.std().item()
+
     def save_output(self, path: str | os.PathLike | None = None) -> Path:
-        """The EMA weights as fp16 safetensors (``load_model`` reads it), plus the loss plot."""
-        out = save_model(self.ema, path or self.cfg.out, dtype=torch.float16, metadata=self.training_facts())
+        """The EMA weights as fp16 safetensors (``load_model`` reads it), plus the loss plot.
+
+        A model trained from scratch gets the shift and scaling factors that make its latents
+        zero-mean and unit-variance on the training data (the convention of SD and FLUX VAEs, which
+        diffusion models expect); a model started from ``--init`` keeps its latent space as it was.
+        """
+        model = self.ema
+        if self.cfg.init is None:
+            mean, std = self.latent_statistics()
+            model = copy.copy(self.ema)  # shallow: the same weights under another config
+            model.config = replace(model.config, shift_factor=round(mean, 5), scaling_factor=round(1 / std, 5))
+        out = save_model(model, path or self.cfg.out, dtype=torch.float16, metadata=self.training_facts())
         self.save_plot()
         return out
 
