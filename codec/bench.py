@@ -128,8 +128,11 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
     ``decoder.N`` = its ``decoder.layers.N-1``); a middle-block GroupNorm branch (TAEF2) is
     grafted on since diffusers has none. KL family: ``AutoencoderKL`` with the same config.
     """
-    diffusers = _diffusers()
     cfg, note = model.config, "same weights, same config"
+    if model.family == "tiny" and cfg.resample != "nearest":
+        raise ValueError(f"{model.name}: diffusers has no AutoencoderTiny with pixel-shuffle resampling, so there "
+                         "is no same-weights baseline; use --baseline none, or a TAESD-layout model such as taef2")
+    diffusers = _diffusers()
     if model.family == "tiny":
         w = (cfg.width,) * 4
         net = diffusers.AutoencoderTiny(encoder_block_out_channels=w, decoder_block_out_channels=w,

@@ -12,6 +12,7 @@ import torch
 from codec import bench
 from codec.cli import main
 from codec.models import build, save_model
+from codec.models.config import TinyConfig
 from codec.video import VideoWriter
 
 pytest.importorskip("diffusers", reason="diffusers (dev extra) is the baseline")
@@ -138,3 +139,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.mp4"), "--model", "taesd", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("codec: error:") and "missing.mp4" in err and err.count("\n") == 1
+
+
+def test_no_diffusers_twin_for_the_shuffle_variant():
+    model = build(TinyConfig(name="s", latent_channels=4, width=8, resample="shuffle"))
+    with pytest.raises(ValueError, match="pixel-shuffle"):
+        bench.diffusers_twin(model, torch.float32)
