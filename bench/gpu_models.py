@@ -99,6 +99,7 @@ def gpu_cases() -> list[Case]:
         Case("sd15-1080p", "sd15", 1080, 1920, compile_priority=0),
         Case("taesd32-1080p", "taesd", 1080, 1920, dict(latent_channels=32), reps=30, compile_priority=1),
         Case("taef2-1080p", "taef2", 1080, 1920, reps=30),
+        Case("default-1080p", "default", 1080, 1920, reps=30),  # the built-in model: ours only
     ]
 
 
@@ -108,6 +109,7 @@ def smoke_cases() -> list[Case]:
         Case("sd15-512", "sd15", 32, 48, kl, reps=3, compile_priority=0),
         Case("taesd32-1080p", "taesd", 32, 48, dict(latent_channels=32, width=8), reps=3, compile_priority=1),
         Case("taef2-1080p", "taef2", 32, 48, dict(width=8), reps=3),
+        Case("default-1080p", "default", 32, 48, reps=3),
     ]
 
 
@@ -125,6 +127,8 @@ def randomize_norms(module: torch.nn.Module, seed: int) -> None:
 
 def make_ours(case: Case, smoke: bool) -> tuple[torch.nn.Module, str]:
     """fp32 CPU model for a case and where its weights came from (deterministic: children rebuild it)."""
+    if case.preset == "default":
+        return load_model("default"), "the built-in default model (codec/weights/default.safetensors)"
     if case.preset == "taef2" and TAEF2_WEIGHTS.is_dir() and any(TAEF2_WEIGHTS.glob("taef2_*")):
         return load_model(TAEF2_WEIGHTS), f"real taef2 weights from {TAEF2_WEIGHTS}"
     torch.manual_seed(SEED)
@@ -150,8 +154,8 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module | None:
             scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor)
         ref.load_state_dict(model.net.state_dict(), strict=True)
         return ref.eval()
-    if cfg.midblock_groupnorm:  # TAEF2's pool branches: no diffusers counterpart
-        return None
+    if cfg.midblock_groupnorm or cfg.resample != "nearest":  # TAEF2's pool branches, pixel shuffle:
+        return None  # no diffusers counterpart
     ref = diffusers.AutoencoderTiny(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         encoder_block_out_channels=(cfg.width,) * 4, decoder_block_out_channels=(cfg.width,) * 4)
