@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -132,6 +133,10 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert b.step_count == 2
     got = [b.step(), b.step()]
     assert got == want  # every loss part, bit for bit
+    assert not (tmp_path / "m.safetensors").exists()
+    done = Trainer(replace(cfg, steps=2), resume=ckpt)  # resumed where it already ends: still writes
+    done.run()
+    assert done.step_count == 2 and load_model(tmp_path / "m.safetensors").latent_channels == 4
     for mine, theirs in ((a.model, b.model), (a.ema, b.ema), (a.disc, b.disc)):
         sa, sb = mine.state_dict(), theirs.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -257,6 +257,7 @@ class Trainer:
         tty = sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=self.step_count, disable=not tty, unit="step", dynamic_ncols=True)
         t_mark, s_mark = time.perf_counter(), self.step_count
+        saved_at = None
         while self.step_count < cfg.steps:
             t0 = time.perf_counter()
             parts = self.step()
@@ -269,6 +270,7 @@ class Trainer:
             if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.steps:
                 self.save_checkpoint()
                 self.save_output()
+                saved_at = self.step_count
             if not tty and (self.step_count % cfg.log_every == 0 or self.step_count == cfg.steps):
                 rate = (time.perf_counter() - t_mark) / max(1, self.step_count - s_mark)
                 recent = {k: sum(v[-50:]) / len(v[-50:]) for k, v in self.history.items() if k != "step"}
@@ -276,6 +278,8 @@ class Trainer:
                          " ".join(f"{k} {v:.4f}" for k, v in recent.items()) + f" ({rate:.2f} s/step)", flush=True)
                 t_mark, s_mark = time.perf_counter(), self.step_count
         bar.close()
+        if saved_at != self.step_count:  # nothing left to train (a finished run resumed): write it anyway
+            self.save_output()
         return Path(cfg.out)
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
