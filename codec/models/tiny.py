@@ -96,8 +96,8 @@ def tiny_decoder(cfg: TinyConfig) -> nn.Sequential:
     w, gn = cfg.width, cfg.midblock_groupnorm
 
     def up():
-        if cfg.resample == "shuffle":
-            return [conv3x3(w, 4 * w, bias=False), nn.PixelShuffle(2)]
+        if cfg.resample == "shuffle":  # replicate padding: a border block's outside neighbour is itself
+            return [conv3x3(w, 4 * w, bias=False, padding_mode="replicate"), nn.PixelShuffle(2)]
         return [nn.Upsample(scale_factor=2), conv3x3(w, w, bias=False)]
 
     return TinyDecoder(

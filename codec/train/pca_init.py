@@ -92,7 +92,7 @@ def _offset(values: torch.Tensor) -> torch.Tensor:
     return (-values.amin(1)).clamp(min=0) * MARGIN + 0.02
 
 
-def pca_autoencoder(images: torch.Tensor, cfg: TinyConfig) -> Autoencoder:
+def pca_autoencoder(images: torch.Tensor, cfg: TinyConfig, overlap: bool = True) -> Autoencoder:
     """A tiny autoencoder (``cfg.resample == "shuffle"``) whose encoder computes the whitened
     top ``cfg.latent_channels`` principal components of each 8x8 patch (times ``LATENT_STD``) and
     whose decoder maps them back to the patch.
@@ -216,4 +216,50 @@ def pca_autoencoder(images: torch.Tensor, cfg: TinyConfig) -> Autoencoder:
     _centre_conv(dec[16], m16)
     # d19: remove the pixel offset.
     _centre_conv(dec[19], torch.eye(3, 4, **f64), torch.full((3,), -offp, **f64))
+    if overlap:
+        _fit_overlapped_decoder(model, images, k4, off4, p, mu4)
     return model
+
+
+# ---- overlapped decoding: the first synthesis conv refitted on its 3x3 neighbourhood -------------
+
+
+@torch.no_grad()
+def _fit_overlapped_decoder(model: Autoencoder, images: torch.Tensor, k4: int, off4: torch.Tensor,
+                            p4: torch.Tensor, mu4: torch.Tensor, chunk: int = 250) -> None:
+    """Refit d6 (latents -> the 4x4 codes of the four quarters of each 8x8 block) as the least-squares
+    linear map from the 3x3 neighbourhood of latents to the codes of the real image.
+
+    The centre-tap codec rebuilds each block from its own latent only, which leaves blocking and
+    ringing at strong edges; reading the neighbours fits across block edges (+1.1 dB on central
+    256 px crops of four Kodak images, and visibly smoother edges). Neighbours are read centred
+    (minus offset and data mean, the constant channel at the same tap cancelling both), and d6
+    pads by replication, so a border block sees its own latent outside the frame. Refitting the
+    finer stages (d11, d16) the same way gained nothing more (measured), so they stay centre-tap.
+    """
+    dec, f64, C = model.decoder, torch.float64, model.latent_channels
+    latents = [model._encode_raw(images[i:i + chunk] * 2 - 1, sample=False, generator=None)
+               for i in range(0, len(images), chunk)]
+    feats = torch.cat([dec[:6](z)[:, :C] for z in latents]).double()  # (N, C, h, w): coefficient + offset
+    centre = feats.mean((0, 2, 3))
+    h, w = feats.shape[-2:]
+    inner = torch.zeros(h, w, dtype=torch.bool)
+    inner[1:-1, 1:-1] = True  # fit where every neighbour is real
+    cols = F.unfold(feats - centre.view(1, -1, 1, 1), 3, padding=1)[:, :, inner.flatten()]  # (N, 9C, L)
+    X = cols.transpose(1, 2).reshape(-1, 9 * C)
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=f64)], 1)
+    # Targets: the codes of each quarter, channel k * 4 + quarter (d6's pre-shuffle order).
+    u4 = F.pixel_unshuffle(images.double(), 4) - mu4.view(1, -1, 1, 1)
+    codes = F.pixel_unshuffle(torch.einsum("dk,ndhw->nkhw", p4, u4), 2)[:, :, inner]
+    Y = codes.transpose(1, 2).reshape(-1, 4 * k4)
+    xtx = X.T @ X
+    ridge = 1e-6 * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=f64)
+    ridge[-1, -1] = 0  # the intercept is not shrunk
+    sol = torch.linalg.solve(xtx + ridge, X.T @ Y)  # (9C + 1, 4 k4), rows ordered (channel, ky, kx)
+    W = sol[:-1].T.reshape(4 * k4, C, 3, 3)
+    weight = dec[6].weight.double().clone()  # rows past 4 k4 carry the constant: kept
+    weight[:4 * k4] = 0
+    weight[:4 * k4, :C] = W
+    weight[:4 * k4, C] = -torch.einsum("oikl,i->okl", W, centre)  # centring, tap by tap
+    weight[:4 * k4, C, 1, 1] += sol[-1] + off4.repeat_interleave(4)
+    dec[6].weight.copy_(weight.to(dec[6].weight.dtype))
