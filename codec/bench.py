@@ -1,4 +1,4 @@
-"""``codec bench``: per-frame latency of our encode and decode against diffusers, same frames.
+"""``codec bench``: per-frame latency of our encode and decode against the usual loop, same frames.
 
 What is timed (in-process; the clip is decoded into host memory first, untimed, and both sides
 get the same uint8 frames, so video decoding costs neither side anything):
@@ -7,6 +7,10 @@ get the same uint8 frames, so video decoding costs neither side anything):
   model -> latents on the host -> written to a latent file (``LatentWriter``, float16).
   Ours: ``FrameEncoder`` (tiles, cache, kernels). Baseline: numpy -> tensor -> [-1, 1] ->
   ``AutoencoderTiny/KL.encode`` -> ``(z - shift) * scaling`` -> the same writer.
+  Baselines: ``diffusers`` (the same weights in diffusers' AutoencoderTiny/KL), ``torch`` (our own
+  model called frame by frame in plain PyTorch: kernels forced to their references, no batching,
+  tiling, cache or threads: the loop a user of a model diffusers lacks would write), ``auto``
+  (diffusers where it has the model and is installed, else torch) or ``none``.
 - decode, per call: float16 latents in host memory (each side decodes the latents it wrote) ->
   model -> uint8 frames -> ``VideoWriter.write`` (libx264). Ours: ``FrameDecoder``; baseline:
   ``decode`` -> ``(x / 2 + 0.5).clamp(0, 1) * 255`` rounded -> the same writer.
@@ -33,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels import force_reference
+
 from . import __version__
 from .coder import CoderOptions, FrameDecoder, FrameEncoder, round_up
 from .latents import LatentWriter
@@ -42,7 +48,7 @@ from .stages import now, peak_host_mb
 from .video import FrameReader, VideoWriter
 
 MIN_PSNR = 30.0  # dB: least agreement between our decoded frames and the baseline's
-BASELINES = ("diffusers", "none")
+BASELINES = ("auto", "diffusers", "torch", "none")
 
 
 # ---- the two sides -------------------------------------------------------------------------
@@ -64,10 +70,13 @@ class OursCoder:
 
 
 class BaselineCoder:
-    """diffusers frame by frame: ``net`` is an AutoencoderTiny or AutoencoderKL with our weights."""
+    """Frame by frame through ``encode_raw``/``decode_raw``: (N,3,H,W) in [-1, 1] -> raw latents
+    and back, in ``dtype`` on the model's device (a diffusers ``net``, or our model in plain torch)."""
 
-    def __init__(self, net, model: Autoencoder, height: int, width: int, dtype: torch.dtype):
-        self.net, self.model, self.dtype = net, model, dtype
+    def __init__(self, encode_raw, decode_raw, model: Autoencoder, height: int, width: int, dtype: torch.dtype,
+                 net: torch.nn.Module | None = None):
+        self.encode_raw, self.decode_raw, self.model, self.dtype = encode_raw, decode_raw, model, dtype
+        self.net = net
         self.height, self.width = height, width
         self.f = model.downscale
 
@@ -79,17 +88,14 @@ class BaselineCoder:
         if pad_h or pad_w:  # edge-replicate to the model's factor, as ours does (crop after decoding)
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         m = self.model
-        if m.family == "tiny":
-            z = self.net.encode(x).latents
-        else:
-            z = self.net.encode(x).latent_dist.mode()
+        z = self.encode_raw(x)
         return ((z - m.shift_factor) * m.scaling_factor).to("cpu", torch.float16)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         m = self.model
         z = latents.to(self.model.device, self.dtype) / m.scaling_factor + m.shift_factor
-        x = self.net.decode(z).sample[:, :, :self.height, :self.width]
+        x = self.decode_raw(z)[:, :, :self.height, :self.width]
         x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -131,7 +137,7 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
     cfg, note = model.config, "same weights, same config"
     if model.family == "tiny" and cfg.resample != "nearest":
         raise ValueError(f"{model.name}: diffusers has no AutoencoderTiny with pixel-shuffle resampling, so there "
-                         "is no same-weights baseline; use --baseline none, or a TAESD-layout model such as taef2")
+                         "is no same-weights baseline; use --baseline torch, or a TAESD-layout model such as taef2")
     diffusers = _diffusers()
     if model.family == "tiny":
         w = (cfg.width,) * 4
@@ -180,15 +186,46 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
     return net, dtype, note
 
 
-def make_baseline(kind: str, model: Autoencoder, height: int, width: int):
-    """(BaselineCoder or None, description)."""
+def has_diffusers_twin(model: Autoencoder) -> bool:
+    """Whether diffusers has this architecture (every KL model; tiny models of the TAESD layout)."""
+    return model.family != "tiny" or model.config.resample == "nearest"
+
+
+def resolve_baseline(kind: str, model: Autoencoder) -> str:
+    """``auto`` -> ``diffusers`` where diffusers has the model and imports, else ``torch``."""
     if kind not in BASELINES:
         raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "diffusers" if has_diffusers_twin(model) else "torch"
+
+
+def make_baseline(kind: str, model: Autoencoder, height: int, width: int):
+    """(BaselineCoder or None, description) for a resolved ``kind``."""
     if kind == "none":
         return None, None
+    if kind == "torch":
+        def run(fn):
+            def call(t):
+                with force_reference():
+                    return fn(t)
+            return call
+        dtype = model.dtype
+        desc = (f"our model in plain PyTorch {str(dtype).removeprefix('torch.')}, frame by frame "
+                "(kernels forced to their references; no batching, tiling, cache or threads)")
+        return BaselineCoder(run(lambda x: model._encode_raw(x, sample=False, generator=None)),
+                             run(model._decode_raw), model, height, width, dtype), desc
     net, dtype, note = diffusers_twin(model, model.dtype)
+    if model.family == "tiny":
+        encode_raw = lambda x: net.encode(x).latents  # noqa: E731
+    else:
+        encode_raw = lambda x: net.encode(x).latent_dist.mode()  # noqa: E731
     desc = f"diffusers {type(net).__name__} {str(dtype).removeprefix('torch.')}, frame by frame; {note}"
-    return BaselineCoder(net, model, height, width, dtype), desc
+    return BaselineCoder(encode_raw, lambda z: net.decode(z).sample, model, height, width, dtype, net), desc
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -231,7 +268,7 @@ def _stats(ms: list[float], cpu_ms: list[float], seconds: float) -> dict:
 
 
 def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions | None = None,
-               baseline: str = "diffusers", warmup: int = 2, chunk: int = 1, fps: Fraction | int = 25,
+               baseline: str = "auto", warmup: int = 2, chunk: int = 1, fps: Fraction | int = 25,
                verify: bool = True, min_psnr: float = MIN_PSNR, crf: int = 18, x264_preset: str = "medium",
                clip: str = "frames") -> dict:
     """Time our streaming encode/decode of ``frames`` against the baseline (module docstring).
@@ -245,8 +282,7 @@ def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions 
         raise ValueError(f"expected frames (T, H, W, 3) uint8, got {getattr(frames, 'shape', type(frames))}")
     if len(frames) == 0 or warmup < 0 or chunk < 1:
         raise ValueError(f"expected frames >= 1, warmup >= 0, chunk >= 1; got {len(frames)}, {warmup}, {chunk}")
-    if baseline not in BASELINES:
-        raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    baseline = resolve_baseline(baseline, model)
     if baseline == "diffusers":
         _diffusers()  # fail before any work when it is missing
     device = model.device
@@ -488,13 +524,15 @@ def read_frames(path: str | Path, count: int) -> tuple[np.ndarray, Fraction]:
 def add_parser(subparsers):
     from .cli import _add_coder_args, _add_model_args
 
-    p = subparsers.add_parser("bench", help="per-frame latency against diffusers, same frames and weights")
+    p = subparsers.add_parser("bench", help="per-frame latency against the usual frame loop, same frames and weights")
     p.add_argument("input", help="a video; its first --frames frames are decoded into memory first")
     _add_model_args(p)
     p.add_argument("--frames", type=int, default=16, help="timed frames (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up frames run first (default 2)")
     p.add_argument("--chunk", type=int, default=1, help="frames per call on our side (default 1)")
-    p.add_argument("--baseline", default="diffusers", choices=BASELINES, help="compare against (default diffusers)")
+    p.add_argument("--baseline", default="auto", choices=BASELINES,
+                   help="compare against: diffusers (same weights), torch (our model, plain frame loop), none; "
+                        "auto (default): diffusers where it has the model, else torch")
     p.add_argument("--no-verify", action="store_true", help="report times even when outputs disagree")
     p.add_argument("--min-psnr", type=float, default=MIN_PSNR, help="agreement needed, dB (default %(default)s)")
     p.add_argument("--preset-x264", dest="x264_preset", default="medium", help="x264 preset of the decode writes")

@@ -132,7 +132,19 @@ def test_no_baseline_and_chunks():
 def test_without_diffusers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ValueError, match="pip install diffusers"):
-        bench.bench_clip(moving_frames(2), build("taesd", width=8), warmup=0)
+        bench.bench_clip(moving_frames(2), build("taesd", width=8), baseline="diffusers", warmup=0)
+    assert bench.resolve_baseline("auto", build("taesd", width=8)) == "torch"  # auto: what can run
+
+
+def test_auto_baseline_and_the_plain_torch_loop():
+    taesd = build("taesd", width=8)
+    shuffle = build(TinyConfig(name="s", latent_channels=4, width=8, resample="shuffle"))
+    assert bench.resolve_baseline("auto", taesd) == "diffusers"
+    assert bench.resolve_baseline("auto", shuffle) == "torch"
+    r = bench.bench_clip(moving_frames(3), randomized(shuffle), warmup=1, x264_preset="ultrafast")
+    assert "plain PyTorch" in r["baseline_impl"] and r["verified"]
+    assert r["agreement_psnr_db"] >= 60  # the same network both sides: only float noise differs
+    assert len(r["baseline"]["decode"]["latency_ms"]) == 3 and r["ratio"]["encode_p50"] > 0
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
