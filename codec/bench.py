@@ -221,9 +221,9 @@ def make_baseline(kind: str, model: Autoencoder, height: int, width: int):
                              run(model._decode_raw), model, height, width, dtype), desc
     net, dtype, note = diffusers_twin(model, model.dtype)
     if model.family == "tiny":
-        encode_raw = lambda x: net.encode(x).latents  # noqa: E731
+        encode_raw = lambda x: net.encode(x).latents
     else:
-        encode_raw = lambda x: net.encode(x).latent_dist.mode()  # noqa: E731
+        encode_raw = lambda x: net.encode(x).latent_dist.mode()
     desc = f"diffusers {type(net).__name__} {str(dtype).removeprefix('torch.')}, frame by frame; {note}"
     return BaselineCoder(encode_raw, lambda z: net.decode(z).sample, model, height, width, dtype, net), desc
 
