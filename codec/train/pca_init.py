@@ -4,7 +4,9 @@ A linear transform of 8x8x3 patches that keeps their 16 principal components alr
 Kodak at about 28.5 dB, while a tiny autoencoder trained from random weights on a CPU for an hour
 stays near 22 dB. So ``codec train --pca-init`` builds the network (``resample="shuffle"``, where
 pixel (un)shuffle makes block transforms expressible) with weights that compute exactly that codec,
-then trains the residual blocks on top: training starts at the linear optimum instead of at noise.
+refits its first decoder conv by least squares on 3x3 latent neighbourhoods (overlapped decoding,
+less blocking), then trains the residual blocks on top: training starts at a fitted linear codec
+instead of at noise.
 
 Only the residual blocks train (``residual_parameters``); the fitted linear path stays fixed.
 Measured on the shared training data (48 held crops, width 32, Adam): training everything at
@@ -19,8 +21,9 @@ every stage (the stage convs have no bias; they read their constants from it), a
 value travels with a positive offset that the next conv subtracts again. The offsets cover the
 values the fitting data produce (with a margin), not every conceivable input: large offsets make
 the weights that read them so sensitive that training at a useful learning rate breaks the start.
-All convs use only their centre tap, so borders behave like the interior. Unused channels start
-at zero and come alive through the residual branches during training.
+The block codec's convs use only their centre tap, so its borders behave like the interior (the
+overlapped d6 pads by replication). Unused channels start at zero and come alive through the
+residual branches during training.
 
 Patch vectors are ordered (colour, row, column); images are in [0, 1] as the tiny encoder sees them.
 """
@@ -95,11 +98,12 @@ def _offset(values: torch.Tensor) -> torch.Tensor:
 def pca_autoencoder(images: torch.Tensor, cfg: TinyConfig, overlap: bool = True) -> Autoencoder:
     """A tiny autoencoder (``cfg.resample == "shuffle"``) whose encoder computes the whitened
     top ``cfg.latent_channels`` principal components of each 8x8 patch (times ``LATENT_STD``) and
-    whose decoder maps them back to the patch.
+    whose decoder maps them back: block by block with ``overlap=False`` (then the only losses
+    beyond the truncation to ``latent_channels`` components are each 4x4 quarter passing through
+    its top ``width - 1`` components and the decoder's tanh clamp), or, by default, reading each
+    latent's 3x3 neighbourhood (``_fit_overlapped_decoder``).
 
-    images: (N, 3, H, W) float in [0, 1] (H, W multiples of 8): the data the PCA is fitted on.
-    The only losses beyond the truncation to ``latent_channels`` components: each 4x4 quarter
-    passes through its top ``width - 1`` components on the way, and the decoder's tanh clamp.
+    images: (N, 3, H, W) float in [0, 1] (H, W multiples of 8): the data everything is fitted on.
     """
     C, w = cfg.latent_channels, cfg.width
     if cfg.resample != "shuffle" or cfg.midblock_groupnorm:
