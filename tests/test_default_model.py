@@ -54,3 +54,18 @@ def test_main_job_without_model_argument(tmp_path):
     with FrameReader(out, batch=8) as a, FrameReader(clip, batch=8) as b:
         back, src = next(iter(a)).frames, next(iter(b)).frames
     assert np.mean(psnr(back, src)) > 25
+
+
+def test_default_keeps_its_quality_in_half_precision(shared_data):
+    """The GPU path runs fp16: the offsets the PCA start carries must not cost precision there."""
+    img = np.asarray(Image.open(shared_data / "images" / "kodak" / "kodim23.png").convert("RGB"))
+    crop = np.ascontiguousarray(img[128:384, 256:512])
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    scores = {}
+    for dtype in (torch.float32, torch.float16):
+        m = load_model("default", dtype=dtype)
+        y = m.decode(m.encode(x.to(dtype))).float()
+        out = ((y[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        scores[dtype] = psnr(out[None], crop[None])[0]
+        assert m.fp32_fallbacks == 0
+    assert abs(scores[torch.float16] - scores[torch.float32]) < 0.1, scores
