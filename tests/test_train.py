@@ -121,6 +121,8 @@ def test_pca_init_starts_far_ahead_of_random_weights(data_dir, tmp_path):
     assert changed and all(".conv." in k for k in changed)  # only the residual blocks train
     with pytest.raises(ValueError, match="pca-init"):
         _cfg(data_dir, tmp_path, pca_init=True, init="x.safetensors")
+    with pytest.raises(ValueError, match="--resample applies"):
+        _cfg(data_dir, tmp_path, resample="shuffle", init="x.safetensors")
 
 
 def test_resume_is_exact(data_dir, tmp_path):

@@ -74,6 +74,8 @@ class TrainConfig:
         if not self.decoder_only and self.init is None and self.family != "tiny":
             raise ValueError("training from scratch supports --family tiny only; fine-tune a KL model "
                              "with --decoder-only --init MODEL")
+        if self.init and self.resample != "nearest":
+            raise ValueError("--resample applies to a model trained from scratch; --init keeps its model's layout")
         if self.pca_init:
             if self.init or self.decoder_only:
                 raise ValueError("--pca-init starts a model from scratch; it excludes --init and --decoder-only")
