@@ -8,7 +8,7 @@ Force the reference with the environment variable ``CODEC_KERNELS=reference``, w
 :func:`force_reference` (a context manager), or per call with ``reference=True``.
 
 A kernel that Triton cannot compile or launch on this machine (a compiler error, too little shared
-memory, ptxas failing) is not fatal: :func:`triton_or_reference` warns once and that kernel runs
+memory, ptxas failing) is not fatal: :func:`run_kernel` warns once and that kernel runs
 its reference from then on, so a new GPU or Triton version degrades speed, never results.
 """
 
@@ -71,13 +71,15 @@ def use_triton(*tensors: torch.Tensor, reference: bool = False) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
-def triton_or_reference(name: str, triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
-    """``triton_call()``, or ``reference_call()`` once Triton has failed to build or launch ``name``.
+def run_kernel(name: str, tensors: tuple[torch.Tensor, ...], reference: bool,
+               triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
+    """Every kernel's entry point: ``triton_call()`` where the dispatch rule sends ``tensors`` to
+    Triton (``use_triton``) and Triton can run ``name`` here, else ``reference_call()``.
 
-    The first such failure warns (naming the kernel and the error) and is remembered for the
-    process; other errors propagate.
+    The first failure to build or launch ``name`` warns (naming the kernel and the error) and is
+    remembered for the process; other errors propagate.
     """
-    if name not in _unusable:
+    if use_triton(*tensors, reference=reference) and name not in _unusable:
         try:
             return triton_call()
         except LAUNCH_ERRORS as err:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
+from ._dispatch import HAVE_TRITON, run_kernel
 
 if HAVE_TRITON:
     import triton
@@ -111,10 +111,9 @@ def blend_tiles(tiles, origins, window, out_shape, reference=False):
     """
     _check(tiles, origins, window, out_shape)
     shape = tuple(int(s) for s in out_shape)
-    if not use_triton(tiles, origins, window, reference=reference):
-        return _reference(tiles, origins.to(torch.int64), window, shape)
-    return triton_or_reference("blend_tiles", lambda: _blend_triton(tiles, origins, window, shape),
-                               lambda: _reference(tiles, origins.to(torch.int64), window, shape))
+    return run_kernel("blend_tiles", (tiles, origins, window), reference,
+                      lambda: _blend_triton(tiles, origins, window, shape),
+                      lambda: _reference(tiles, origins.to(torch.int64), window, shape))
 
 
 def _blend_triton(tiles, origins, window, out_shape):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
+from ._dispatch import HAVE_TRITON, run_kernel
 
 _INV255 = 1.0 / 255.0
 
@@ -98,10 +98,8 @@ def frames_to_input(frames, size=None, dtype=torch.float32, channels_last=False,
     if h2 < h or w2 < w or h == 0 or w == 0:
         raise ValueError(f"size must be >= the frame size {(h, w)}, got {(h2, w2)}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not use_triton(frames, reference=reference):
-        return _input_reference(frames, h2, w2, dtype, fmt)
-    return triton_or_reference("frames_to_input", lambda: _input_triton(frames, h2, w2, dtype, fmt),
-                               lambda: _input_reference(frames, h2, w2, dtype, fmt))
+    return run_kernel("frames_to_input", (frames,), reference, lambda: _input_triton(frames, h2, w2, dtype, fmt),
+                      lambda: _input_reference(frames, h2, w2, dtype, fmt))
 
 
 def _input_triton(frames, h2, w2, dtype, fmt):
@@ -137,10 +135,8 @@ def output_to_frames(x, height=None, width=None, reference=False):
     width = w if width is None else int(width)
     if not (0 < height <= h and 0 < width <= w):
         raise ValueError(f"crop {(height, width)} must lie within the tensor's {(h, w)}")
-    if not use_triton(x, reference=reference):
-        return _frames_reference(x, height, width)
-    return triton_or_reference("output_to_frames", lambda: _frames_triton(x, height, width),
-                               lambda: _frames_reference(x, height, width))
+    return run_kernel("output_to_frames", (x,), reference, lambda: _frames_triton(x, height, width),
+                      lambda: _frames_reference(x, height, width))
 
 
 def _frames_triton(x, height, width):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
+from ._dispatch import HAVE_TRITON, run_kernel
 
 _ACTS = {None: 0, "silu": 1, "relu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -201,10 +201,8 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, reference: bool = False):
     sum of squared deviations from that mean. Combine tiles with :func:`merge_group_stats`.
     """
     _check(x, num_groups)
-    if use_triton(x, reference=reference):
-        return triton_or_reference("group_norm_stats", lambda: _stats_triton(x, num_groups),
-                                   lambda: _stats_reference(x, num_groups))
-    return _stats_reference(x, num_groups)
+    return run_kernel("group_norm_stats", (x,), reference, lambda: _stats_triton(x, num_groups),
+                      lambda: _stats_reference(x, num_groups))
 
 
 def merge_group_stats(stats):
@@ -265,11 +263,9 @@ def group_norm_apply(x, mean, rstd, num_groups, weight=None, bias=None, act=None
     expected = (x.shape[0], num_groups)
     if tuple(mean.shape) != expected or tuple(rstd.shape) != expected:
         raise ValueError(f"mean and rstd must be {expected}, got {tuple(mean.shape)}, {tuple(rstd.shape)}")
-    if use_triton(x, reference=reference):
-        return triton_or_reference("group_norm_apply",
-                                   lambda: _apply_triton(x, mean, rstd, num_groups, weight, bias, act),
-                                   lambda: _apply_reference(x, mean, rstd, num_groups, weight, bias, act))
-    return _apply_reference(x, mean, rstd, num_groups, weight, bias, act)
+    return run_kernel("group_norm_apply", (x,), reference,
+                      lambda: _apply_triton(x, mean, rstd, num_groups, weight, bias, act),
+                      lambda: _apply_reference(x, mean, rstd, num_groups, weight, bias, act))
 
 
 def _reference(x, num_groups, weight, bias, eps, act):
@@ -288,10 +284,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, refere
     Returns a tensor of x's shape, dtype and memory format.
     """
     _check(x, num_groups, act, weight, bias)
-    if not use_triton(x, reference=reference):
-        return _reference(x, num_groups, weight, bias, eps, act)
-    return triton_or_reference("group_norm", lambda: _triton(x, num_groups, weight, bias, eps, act),
-                               lambda: _reference(x, num_groups, weight, bias, eps, act))
+    return run_kernel("group_norm", (x,), reference, lambda: _triton(x, num_groups, weight, bias, eps, act),
+                      lambda: _reference(x, num_groups, weight, bias, eps, act))
 
 
 def _triton(x, num_groups, weight, bias, eps, act):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, triton_or_reference, use_triton
+from ._dispatch import HAVE_TRITON, run_kernel
 
 if HAVE_TRITON:
     import triton
@@ -61,9 +61,7 @@ def tile_change(current, reference_tiles, reference=False):
         raise ValueError(f"need (K, ...) tiles with at least one element, got {tuple(a.shape)}")
     if a.dtype == torch.bool or a.is_complex():
         raise TypeError(f"tiles must be uint8 or float, got {a.dtype}")
-    if not use_triton(a, b, reference=reference):
-        return _reference(a, b)
-    return triton_or_reference("tile_change", lambda: _triton(a, b), lambda: _reference(a, b))
+    return run_kernel("tile_change", (a, b), reference, lambda: _triton(a, b), lambda: _reference(a, b))
 
 
 def _triton(a, b):

@@ -126,5 +126,5 @@ def test_a_kernel_triton_cannot_launch_falls_back_to_its_reference(monkeypatch):
 def test_other_errors_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(dispatch, "_unusable", {})
     with pytest.raises(ZeroDivisionError):
-        dispatch.triton_or_reference("k", lambda: 1 / 0, lambda: 0)
+        dispatch.run_kernel("k", (torch.zeros(1),), False, lambda: 1 / 0, lambda: 0)
     assert "k" not in kernels.unusable_kernels()
