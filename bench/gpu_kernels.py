@@ -15,29 +15,20 @@ import datetime
 import json
 import pathlib
 import platform
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import timing  # noqa: E402  (bench/timing.py, beside this script)
+
 import kernels  # noqa: E402
 
 
-def time_ms(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn, reps: int) -> float:
+    """Median CUDA-event milliseconds of ``fn`` after 5 untimed calls."""
+    return timing.time_ms(fn, torch.device("cuda"), reps, warmup=5)[0]
 
 
 def copy_gbps(x: torch.Tensor, reps: int) -> float:

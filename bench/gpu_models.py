@@ -45,7 +45,6 @@ import os
 import pathlib
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,10 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from timing import sync, time_ms  # noqa: E402  (bench/timing.py, beside this script)
+
 import kernels  # noqa: E402
+from codec.bench import has_diffusers_twin  # noqa: E402
 from codec.models import build, load_model  # noqa: E402
 from codec.models.accel import accelerate, accelerated, deaccelerate  # noqa: E402
 
@@ -154,8 +156,8 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module | None:
             scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor)
         ref.load_state_dict(model.net.state_dict(), strict=True)
         return ref.eval()
-    if cfg.midblock_groupnorm or cfg.resample != "nearest":  # TAEF2's pool branches, pixel shuffle:
-        return None  # no diffusers counterpart
+    if cfg.midblock_groupnorm or not has_diffusers_twin(model):  # TAEF2's pool branches, pixel shuffle
+        return None
     ref = diffusers.AutoencoderTiny(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         encoder_block_out_channels=(cfg.width,) * 4, decoder_block_out_channels=(cfg.width,) * 4)
@@ -194,32 +196,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return float("inf")
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, dev, reps: int, warmup: int | None = None) -> tuple[float, list[float]]:
-    warmup = warmup if warmup is not None else (3 if dev.type == "cuda" else 1)
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
 
 
 @contextlib.contextmanager

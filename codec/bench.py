@@ -135,7 +135,7 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
     grafted on since diffusers has none. KL family: ``AutoencoderKL`` with the same config.
     """
     cfg, note = model.config, "same weights, same config"
-    if model.family == "tiny" and cfg.resample != "nearest":
+    if not has_diffusers_twin(model):
         raise ValueError(f"{model.name}: diffusers has no AutoencoderTiny with pixel-shuffle resampling, so there "
                          "is no same-weights baseline; use --baseline torch, or a TAESD-layout model such as taef2")
     diffusers = _diffusers()
@@ -209,16 +209,17 @@ def make_baseline(kind: str, model: Autoencoder, height: int, width: int):
     if kind == "none":
         return None, None
     if kind == "torch":
-        def run(fn):
-            def call(t):
-                with force_reference():
-                    return fn(t)
-            return call
-        dtype = model.dtype
-        desc = (f"our model in plain PyTorch {str(dtype).removeprefix('torch.')}, frame by frame "
+        def encode_raw(x):
+            with force_reference():
+                return model._encode_raw(x, sample=False, generator=None)
+
+        def decode_raw(z):
+            with force_reference():
+                return model._decode_raw(z)
+
+        desc = (f"our model in plain PyTorch {str(model.dtype).removeprefix('torch.')}, frame by frame "
                 "(kernels forced to their references; no batching, tiling, cache or threads)")
-        return BaselineCoder(run(lambda x: model._encode_raw(x, sample=False, generator=None)),
-                             run(model._decode_raw), model, height, width, dtype), desc
+        return BaselineCoder(encode_raw, decode_raw, model, height, width, model.dtype), desc
     net, dtype, note = diffusers_twin(model, model.dtype)
     if model.family == "tiny":
         encode_raw = lambda x: net.encode(x).latents
