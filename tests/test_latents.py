@@ -1,13 +1,16 @@
-"""codec.latents: the streamed safetensors latent file."""
+"""codec.latents: the streamed safetensors latent file, its checks and its checksum."""
 
+import hashlib
 import json
 import struct
 from fractions import Fraction
 
 import pytest
 import torch
+from helpers import tiny_model_file
 from safetensors.torch import load_file, save_file
 
+from codec import latents as latents_module
 from codec.latents import REQUIRED_METADATA, LatentReader, LatentWriter, check_compatible
 
 META = dict(model_id="stabilityai/sd-vae-ft-mse", family="kl", scaling_factor=0.18215, shift_factor=0.0,
@@ -15,13 +18,52 @@ META = dict(model_id="stabilityai/sd-vae-ft-mse", family="kl", scaling_factor=0.
             pad_bottom=1, pad_right=1)
 
 
+def meta_for(shape_chw, **changes):
+    """META with a source size that fits latents (C, h, w) at 8x (padded by 1 bottom and right)."""
+    _, h, w = shape_chw
+    return {**META, "source_width": 8 * w - 1, "source_height": 8 * h - 1, **changes}
+
+
 def _write(path, latents, pts=None, dtype=None, step=1):
     pts = torch.arange(len(latents)) * 1001 if pts is None else pts
     dtype = dtype or latents.dtype
-    with LatentWriter(path, latents.shape[1:], dtype, META, frames_hint=len(latents)) as writer:
+    with LatentWriter(path, latents.shape[1:], dtype, meta_for(latents.shape[1:]), frames_hint=len(latents)) as w:
         for i in range(0, len(latents), step):
-            writer.write(latents[i : i + step], pts[i : i + step])
+            w.write(latents[i : i + step], pts[i : i + step])
     return path
+
+
+def split(path):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def rewrite(path, edit, resign=True):
+    """Apply ``edit(header)`` to a latent file's JSON header; with ``resign``, recompute the checksum
+    as the writer would, so the edit reaches the checks behind the checksum."""
+    header, body = split(path)
+    edit(header)
+    if resign:
+        digest = hashlib.sha256(body).digest()
+        header["__metadata__"]["checksum"] = (
+            "sha256:" + digest.hex() if header["__metadata__"]["format"] == "codec-latents/1"
+            else latents_module._checksum(header, digest))
+    text = json.dumps(header).encode()
+    text = text.ljust((len(text) + 7) // 8 * 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    return path
+
+
+def refused(path, match, verify=False):
+    """The one-line ValueError that opening (and verifying) ``path`` raises, checked against ``match``."""
+    with pytest.raises(ValueError, match=match) as err:
+        reader = LatentReader(path)
+        if verify:
+            reader.verify()
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text, text
+    return text
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -38,7 +80,7 @@ def test_plain_safetensors_reads_it(tmp_path, dtype):
         assert reader.fps == Fraction(30000, 1001) and reader.time_base == Fraction(1, 30000)
         reader.verify()
     assert meta["fps"] == "30000/1001" and meta["scaling_factor"] == "0.18215"
-    assert meta["num_frames"] == "50" and meta["latent_channels"] == "4"
+    assert meta["num_frames"] == "50" and meta["latent_channels"] == "4" and meta["format"] == "codec-latents/2"
     assert meta["dtype"] == str(dtype).removeprefix("torch.") and meta["checksum"].startswith("sha256:")
     assert all(isinstance(v, str) for v in meta.values())
     assert set(REQUIRED_METADATA) <= set(meta)
@@ -61,14 +103,25 @@ def test_range_reads_and_batches(tmp_path):
             reader.read(start, end)
 
 
-def test_odd_sized_frames_and_no_frames(tmp_path):
+def test_odd_sized_frames(tmp_path):
     latents = torch.randn(7, 1, 3, 3).half()  # 18 bytes a frame: pts lands unaligned
     path = _write(tmp_path / "odd.safetensors", latents)
-    assert torch.equal(LatentReader(path).read(), latents)
-    empty = _write(tmp_path / "empty.safetensors", torch.zeros(0, 4, 2, 2))
-    reader = LatentReader(empty)
+    reader = LatentReader(path)
     reader.verify()
-    assert reader.num_frames == 0 and list(reader) == []
+    assert torch.equal(reader.read(), latents)
+
+
+def test_no_frames_makes_no_file(tmp_path):
+    target = tmp_path / "empty.safetensors"
+    writer = LatentWriter(target, (4, 2, 2), torch.float16, meta_for((4, 2, 2)))
+    with pytest.raises(ValueError, match=r"empty.safetensors: no frames were written, so no latent file was made"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+    writer.close()  # closed: nothing more to do
+    with pytest.raises(ValueError, match="no frames were written"):
+        with LatentWriter(target, (4, 2, 2), torch.float16, meta_for((4, 2, 2))):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tampering_fails_verify(tmp_path):
@@ -110,7 +163,7 @@ def test_not_a_latent_file(tmp_path):
 def test_exception_inside_with_leaves_nothing(tmp_path):
     target = tmp_path / "x.safetensors"
     with pytest.raises(RuntimeError):
-        with LatentWriter(target, (4, 2, 2), torch.float16, META) as writer:
+        with LatentWriter(target, (4, 2, 2), torch.float16, meta_for((4, 2, 2))) as writer:
             writer.write(torch.zeros(3, 4, 2, 2), [0, 1, 2])
             assert not target.exists() and (tmp_path / ".x.safetensors.partial").exists()
             raise RuntimeError("interrupted")
@@ -120,16 +173,18 @@ def test_exception_inside_with_leaves_nothing(tmp_path):
 def test_writer_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="metadata lacks fps"):
         LatentWriter(tmp_path / "a.safetensors", (4, 2, 2), torch.float16,
-                     {k: v for k, v in META.items() if k != "fps"})
+                     {k: v for k, v in meta_for((4, 2, 2)).items() if k != "fps"})
     with pytest.raises(ValueError, match="dtype"):
-        LatentWriter(tmp_path / "a.safetensors", (4, 2, 2), torch.int8, META)
+        LatentWriter(tmp_path / "a.safetensors", (4, 2, 2), torch.int8, meta_for((4, 2, 2)))
     with pytest.raises(ValueError, match="does not exist"):
-        LatentWriter(tmp_path / "no" / "a.safetensors", (4, 2, 2), torch.float16, META)
-    with LatentWriter(tmp_path / "a.safetensors", (4, 2, 2), "float16", META) as writer:
+        LatentWriter(tmp_path / "no" / "a.safetensors", (4, 2, 2), torch.float16, meta_for((4, 2, 2)))
+    with LatentWriter(tmp_path / "a.safetensors", (4, 2, 2), "float16", meta_for((4, 2, 2))) as writer:
         with pytest.raises(ValueError, match=r"expected latents \(n, 4, 2, 2\), got \(1, 4, 2, 3\)"):
             writer.write(torch.zeros(1, 4, 2, 3), [0])
         with pytest.raises(ValueError, match="expected 2 pts"):
             writer.write(torch.zeros(2, 4, 2, 2), [0])
+        writer.write(torch.zeros(1, 4, 2, 2), [0])
+    assert LatentReader(tmp_path / "a.safetensors").num_frames == 1  # the refused writes left no trace
 
 
 def test_check_compatible():
