@@ -50,9 +50,11 @@ __all__ = ["LatentWriter", "LatentReader", "check_compatible", "REQUIRED_METADAT
 
 FORMAT = "codec-latents/2"
 FORMAT_1 = "codec-latents/1"  # read only: checksum over the data bytes alone
-# Keys the caller gives; extend here (values are strings in the file, all covered by the checksum).
-REQUIRED_METADATA = ("model_id", "family", "scaling_factor", "shift_factor", "fps", "time_base",
-                     "source_width", "source_height", "pad_bottom", "pad_right")
+# The keys format-1 files hold; keys added to REQUIRED_METADATA later are not asked of them.
+_FORMAT_1_METADATA = ("model_id", "family", "scaling_factor", "shift_factor", "fps", "time_base",
+                      "source_width", "source_height", "pad_bottom", "pad_right")
+# Keys the caller gives: add new ones here (values are strings in the file, all covered by the checksum).
+REQUIRED_METADATA = (*_FORMAT_1_METADATA,)
 _AUTO_METADATA = ("format", "dtype", "latent_channels", "num_frames", "tool_version", "checksum")
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -200,24 +202,25 @@ def _check_tensors(header: dict, data_size: int) -> tuple[str, tuple[int, ...]]:
 
 
 def _check_header(header: object, data_size: int) -> tuple[str, tuple[int, ...], dict[str, str]]:
-    """Everything the reader relies on, before any of it is used; returns dtype, shape, metadata."""
+    """The structure of the file: tensors, format, metadata keys and frame count (the meaning of the
+    metadata is :func:`_check_metadata`'s); returns the latents' dtype, their shape and the metadata."""
     if not isinstance(header, dict):
         raise _Invalid("expected a safetensors file, its header is not a JSON object")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _Invalid("expected __metadata__ to be an object of strings")
-    readable = f"expected {FORMAT}, or {FORMAT_1} from earlier versions"
-    if meta.get("format", FORMAT).startswith("codec-latents/") and meta.get("format", FORMAT) not in (FORMAT, FORMAT_1):
-        raise _Invalid(f"format {_show(meta['format'])} is not one this tool reads ({readable})")
+    fmt, readable = meta.get("format", ""), f"expected {FORMAT}, or {FORMAT_1} from earlier versions"
+    if fmt.startswith("codec-latents/") and fmt not in (FORMAT, FORMAT_1):  # ours, but another version
+        raise _Invalid(f"format {_show(fmt)} is not one this tool reads ({readable})")
     dtype, shape = _check_tensors(header, data_size)
-    missing = [k for k in (*REQUIRED_METADATA, *_AUTO_METADATA) if k not in meta]
+    required = _FORMAT_1_METADATA if fmt == FORMAT_1 else REQUIRED_METADATA
+    missing = [k for k in (*required, *_AUTO_METADATA) if k not in meta]
     if missing:
         raise _Invalid(f"not a latent file of this tool, metadata lacks {', '.join(missing)}")
-    if meta["format"] not in (FORMAT, FORMAT_1):
-        raise _Invalid(f"not a latent file of this tool, format {_show(meta['format'])} ({readable})")
+    if fmt not in (FORMAT, FORMAT_1):
+        raise _Invalid(f"not a latent file of this tool, format {_show(fmt)} ({readable})")
     if _integer(meta, "num_frames", 1) != shape[0]:
         raise _Invalid(f"metadata says {meta['num_frames']} frames, latents hold {shape[0]}")
-    _check_metadata(meta, dtype, shape[1:])
     return dtype, shape, meta
 
 
@@ -336,8 +339,9 @@ class LatentWriter:
             self.abort()
 
 
-def _read_header(path: Path) -> tuple[int, dict]:
-    """The safetensors framing and JSON, checked here for errors that name the problem and the file."""
+def _read_header(path: Path) -> tuple[int, object, int]:
+    """The safetensors framing and JSON, checked here for errors that name the problem and the file;
+    returns where the data starts, the parsed JSON (unchecked) and the size of the data part."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file (expected a latents .safetensors file)")
     size = path.stat().st_size
@@ -354,7 +358,7 @@ def _read_header(path: Path) -> tuple[int, dict]:
         except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep, huge integers
             raise ValueError(f"{path}: expected a safetensors file, its header is not JSON "
                              f"({_show(str(e), 120)})") from None
-    return 8 + n, header
+    return 8 + n, header, size - 8 - n
 
 
 def _first_bad_frame(latents: torch.Tensor) -> tuple[int, str] | None:
@@ -380,9 +384,9 @@ class LatentReader:
         if not _is_int(batch) or batch < 1:
             raise ValueError(f"{self.path}: expected a batch of at least 1 frame, got {batch!r}")
         self.batch = batch
-        self._data_start, header = _read_header(self.path)
+        self._data_start, header, data_size = _read_header(self.path)
         try:
-            dtype, self.shape, self.metadata = _check_header(header, self.path.stat().st_size - self._data_start)
+            dtype, self.shape, self.metadata = _check_header(header, data_size)
             self.fps, self.time_base = _check_metadata(self.metadata, dtype, self.shape[1:])
         except _Invalid as e:
             raise ValueError(f"{self.path}: {e}") from None

@@ -44,7 +44,7 @@ def rewrite(path, edit, resign=True):
     as the writer would, so the edit reaches the checks behind the checksum."""
     header, body = split(path)
     edit(header)
-    if resign:
+    if resign and isinstance(header.get("__metadata__"), dict):
         digest = hashlib.sha256(body).digest()
         header["__metadata__"]["checksum"] = (
             "sha256:" + digest.hex() if header["__metadata__"]["format"] == "codec-latents/1"
@@ -193,3 +193,179 @@ def test_check_compatible():
     with pytest.raises(ValueError, match=r"latents were made by flux-vae \(16 channels, family kl\); "
                                          r"model taesd expects 4 channels, family tiny"):
         check_compatible(meta, 4, "tiny", model_id="taesd")
+
+
+# ---- the header is validated before it is used (each case was a traceback or silently accepted) ----
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+
+    def edit(header):
+        node = header
+        for key in path[:-1]:
+            node = node[key]
+        if value is DROP:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return edit
+
+
+DROP = object()
+HEADER_CASES = {  # name: (edit, what the message must say); the file is re-signed after the edit
+    "no data_offsets": (_set("latents", "data_offsets", DROP), "tensor 'latents': expected an object with dtype"),
+    "offsets not a list": (_set("pts", "data_offsets", None), r"tensor 'pts': expected data_offsets \[begin, end\]"),
+    "one offset": (_set("latents", "data_offsets", [0]), r"expected data_offsets \[begin, end\]"),
+    "offsets reversed": (_set("latents", "data_offsets", [512, 0]), "takes 512 bytes, data_offsets"),
+    "offsets overlap": (_set("pts", "data_offsets", [504, 536]), "expected the tensors' data to follow"),
+    "offsets past the end": (_set("pts", "data_offsets", [520, 552]), "expected the tensors' data to follow"),
+    "offset is a bool": (_set("latents", "data_offsets", [False, 512]), r"expected data_offsets \[begin, end\]"),
+    "entry not an object": (_set("latents", [1, 2]), "tensor 'latents': expected an object"),
+    "negative size": (_set("latents", "shape", [4, 4, -4, -4]), "expected a shape of 4 positive integers"),
+    "3-D latents": (_set("latents", "shape", [4, 16, 4]), "expected a shape of 4 positive integers"),
+    "string size": (_set("latents", "shape", [4, 4, "4", 4]), "expected a shape of 4 positive integers"),
+    "unknown dtype": (_set("latents", "dtype", "F64"), "expected dtype F32 or F16 or BF16, got 'F64'"),
+    "dtype not a string": (_set("latents", "dtype", ["F16"]), "expected dtype F32 or F16 or BF16"),
+    "float pts": (_set("pts", "dtype", "F64"), "tensor 'pts': expected dtype I64"),
+    "pts of another length": (_set("pts", "shape", [3]), "takes 24 bytes"),
+    "an extra tensor": (_set("extra", {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]}),
+                        r"expected tensors 'latents' and 'pts', found \['extra', 'latents', 'pts'\]"),
+    "metadata not an object": (_set("__metadata__", [["format", "codec-latents/2"]]), "__metadata__ to be an obj"),
+    "metadata value a number": (_set("__metadata__", "source_width", 31), "__metadata__ to be an object of str"),
+    "fps 0/0": (_set("__metadata__", "fps", "0/0"), r"metadata 'fps': expected a positive rational"),
+    "fps 0": (_set("__metadata__", "fps", "0"), r"metadata 'fps': expected a positive rational"),
+    "fps -1": (_set("__metadata__", "fps", "-1"), r"metadata 'fps': expected a positive rational"),
+    "fps inf": (_set("__metadata__", "fps", "inf"), r"metadata 'fps': expected a positive rational"),
+    "fps nan": (_set("__metadata__", "fps", "nan"), r"metadata 'fps': expected a positive rational"),
+    "fps garbage": (_set("__metadata__", "fps", "thirty"), r"metadata 'fps': expected a positive rational"),
+    "fps huge": (_set("__metadata__", "fps", "1e999999999"), r"got '1e999999999'"),
+    "fps huge numerator": (_set("__metadata__", "fps", "9" * 5000 + "/1"), r"got '99999"),
+    "time base 0": (_set("__metadata__", "time_base", "0/1"), r"metadata 'time_base': expected a positive"),
+    "time base 1/0": (_set("__metadata__", "time_base", "1/0"), r"metadata 'time_base': expected a positive"),
+    "scaling 0": (_set("__metadata__", "scaling_factor", "0"), r"'scaling_factor': expected a finite non-zero"),
+    "shift nan": (_set("__metadata__", "shift_factor", "nan"), r"'shift_factor': expected a finite number"),
+    "frames not a number": (_set("__metadata__", "num_frames", "four"), r"'num_frames': expected an integer >= 1"),
+    "frames disagree": (_set("__metadata__", "num_frames", "5"), "metadata says 5 frames, latents hold 4"),
+    "channels disagree": (_set("__metadata__", "latent_channels", "16"), "says 16 latent channels, the latents hold 4"),
+    "dtype disagrees": (_set("__metadata__", "dtype", "bfloat16"), "'dtype' is 'bfloat16', the latents are F16"),
+    "negative padding": (_set("__metadata__", "pad_right", "-1"), r"'pad_right': expected an integer >= 0"),
+    "zero width": (_set("__metadata__", "source_width", "0"), r"'source_width': expected an integer >= 1"),
+    "size does not fit": (_set("__metadata__", "source_width", "40"), "a 40x31 source padded by 1 right and 1 bottom"),
+    "padding too large": (_set("__metadata__", "pad_bottom", "9"), "does not fit latents of 4x4"),
+    "metadata key missing": (_set("__metadata__", "time_base", DROP), "metadata lacks time_base"),
+    "a newer format": (_set("__metadata__", "format", "codec-latents/3"),
+                       "format 'codec-latents/3' is not one this tool reads"),
+    "not our format": (_set("__metadata__", "format", "pt"), "not a latent file of this tool, format 'pt'"),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_bad_headers_are_refused_in_one_line(tmp_path, case):
+    edit, message = HEADER_CASES[case]
+    path = _write(tmp_path / "h.safetensors", torch.randn(4, 4, 4, 4).half())
+    refused(rewrite(path, edit), message)
+
+
+def test_file_end_must_be_the_data_end(tmp_path):
+    path = _write(tmp_path / "e.safetensors", torch.randn(4, 4, 4, 4).half())
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    refused(path, "unexpected bytes follow the data: the header describes 544 bytes of data, found 552")
+    deep = tmp_path / "deep.safetensors"
+    text = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    deep.write_bytes(struct.pack("<Q", len(text)) + text)
+    refused(deep, "its header is not JSON")
+
+
+def test_writer_refuses_metadata_the_reader_would(tmp_path):
+    for changes, message in [({"fps": Fraction(0)}, "'fps': expected a positive rational"),
+                             ({"time_base": "0/0"}, "'time_base': expected a positive rational"),
+                             ({"scaling_factor": float("nan")}, "'scaling_factor': expected a finite"),
+                             ({"source_width": 100}, "a 100x15 source padded by 1 right and 1 bottom")]:
+        with pytest.raises(ValueError, match=message):
+            LatentWriter(tmp_path / "w.safetensors", (4, 2, 2), torch.float16, meta_for((4, 2, 2), **changes))
+        assert list(tmp_path.iterdir()) == []
+
+
+# ---- the checksum covers what the bytes mean, not only the bytes ----
+
+@pytest.mark.parametrize("change", ["relabel bf16", "other shape", "scaling", "fps", "new key"])
+def test_checksum_covers_tensor_entries_and_metadata(tmp_path, change):
+    path = _write(tmp_path / "c.safetensors", torch.randn(4, 4, 4, 4).half())
+    edit = {
+        "relabel bf16": lambda h: (h["latents"].update(dtype="BF16"), h["__metadata__"].update(dtype="bfloat16")),
+        "other shape": lambda h: (h["latents"].update(shape=[4, 4, 2, 8]),
+                                  h["__metadata__"].update(source_width="63", source_height="15")),
+        "scaling": lambda h: h["__metadata__"].update(scaling_factor="1.5305"),
+        "fps": lambda h: h["__metadata__"].update(fps="60"),
+        "new key": lambda h: h["__metadata__"].update(model_sha256="0" * 64),
+    }[change]
+    rewrite(path, edit, resign=False)
+    reader = LatentReader(path)  # structurally consistent: only the checksum can tell
+    with pytest.raises(ValueError, match="c.safetensors: checksum mismatch"):
+        reader.verify()
+
+
+def test_relabelled_as_int16_is_refused_on_open(tmp_path):
+    path = _write(tmp_path / "i.safetensors", torch.randn(4, 4, 4, 4).half())
+    refused(rewrite(path, _set("latents", "dtype", "I16"), resign=False), "expected dtype F32 or F16 or BF16, got 'I1")
+
+
+def _as_format_1(path):
+    """The same file as the previous version wrote it (byte for byte, checked against its writer):
+    format 1, checksum of the data bytes only."""
+    return rewrite(path, lambda h: h["__metadata__"].update(format="codec-latents/1"))
+
+
+def test_format_1_files_still_read(tmp_path):
+    latents = torch.randn(4, 4, 4, 4).half()
+    path = _as_format_1(_write(tmp_path / "v1.safetensors", latents))
+    with LatentReader(path) as reader:
+        reader.verify()
+        assert torch.equal(reader.read(), latents)
+    rewrite(path, lambda h: h["__metadata__"].update(scaling_factor="1.5"), resign=False)
+    LatentReader(path).verify()  # format 1's rule: the data bytes only (documented)
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 1
+    path.write_bytes(bytes(data))
+    refused(path, "checksum mismatch", verify=True)
+    refused(rewrite(path, _set("__metadata__", "fps", "0/0")), "'fps': expected a positive rational")
+
+
+# ---- finite values ----
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_latents_are_refused(tmp_path, value, dtype):
+    latents = torch.randn(6, 4, 4, 4).to(dtype)
+    latents[4, 3, 2, 1] = float(value)
+    latents[5, 0, 0, 0] = float(value)
+    path = _write(tmp_path / "n.safetensors", latents)  # a valid checksum
+    word = "NaN" if value == "nan" else "Inf"
+    refused(path, f"frame 4 holds {word} values \\(expected finite latents\\)", verify=True)
+    reader = LatentReader(path, batch=2)
+    assert torch.equal(reader.read(0, 4), latents[:4])
+    with pytest.raises(ValueError, match=f"n.safetensors: frame 4 holds {word} values"):
+        list(reader)  # without verify(), reading refuses the frame
+
+
+def test_first_bad_frame_past_the_first_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(latents_module, "_CHUNK", 64)  # 32 float16 values a chunk: 2 frames of 16
+    latents = torch.randn(9, 1, 4, 4).half()
+    latents[7, 0, 3, 3] = float("nan")
+    path = _write(tmp_path / "k.safetensors", latents)
+    refused(path, "frame 7 holds NaN", verify=True)
+
+
+def test_decode_refuses_nan_latents_and_leaves_no_video(tmp_path):
+    from codec.pipeline import decode_video
+
+    model = tiny_model_file(tmp_path / "tiny.safetensors")
+    latents = torch.randn(3, 4, 2, 2).half()
+    latents[1, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    with LatentWriter(path, (4, 2, 2), torch.float16, meta_for((4, 2, 2), family="tiny", model_id="taesd")) as w:
+        w.write(latents, [0, 1, 2])
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="nan.safetensors: frame 1 holds NaN"):
+            decode_video(path, tmp_path / "out.mp4", str(model), verify=verify)
+        assert not [p for p in tmp_path.iterdir() if "out" in p.name]
