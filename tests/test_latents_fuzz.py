@@ -197,6 +197,8 @@ def open_verify_read(path) -> tuple[tuple, int, bool]:
             frames += len(batch)
             finite &= bool(torch.isfinite(batch.float()).all())
         assert reader.fps > 0 and reader.time_base > 0
+        meta = reader.metadata
+        assert (meta["num_frames"], meta["latent_channels"]) == (str(reader.shape[0]), str(reader.shape[1]))
         return reader.shape, frames, finite
 
 
@@ -209,8 +211,7 @@ def _alarm(signum, frame):
 
 
 @settings(max_examples=EXAMPLES, deadline=2000, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(dtype=st.sampled_from(sorted(DTYPES)), mutation=MUTATIONS, resign=st.booleans())
 def test_mutants_raise_only_one_line_value_errors(workdir, dtype, mutation, resign):
     tmp, bases = workdir
