@@ -147,7 +147,8 @@ def _first_frame_rotation(container, stream) -> int:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Read a video's geometry, rate and length from its header (decodes nothing)."""
+    """Read a video's geometry, rate and length from its header; the first frame is decoded
+    for its display rotation (and to show that FFmpeg can decode the stream at all)."""
     path = Path(path)
     with _open_input(path) as container:
         return _info(path, container)
