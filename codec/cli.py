@@ -70,6 +70,9 @@ def _add_range_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
     p.add_argument("--end", type=int, default=None, help="frame index to stop before (exclusive)")
     p.add_argument("--stride", type=int, default=1, help="keep every K-th frame")
+    p.add_argument("--allow-short", action="store_true",
+                   help="keep the frames of a truncated source (fewer than its container states) "
+                        "with a warning, instead of failing")
 
 
 def _add_video_out_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +161,8 @@ def _print_run(name: str, r) -> None:
           + (f", tiles {s['tile']}px/{s['overlap']}px norm={s['norm']}" if s["tile"] else ""))
     if r.fp32_fallbacks:
         print(f"  note: {r.fp32_fallbacks} batches overflowed in half precision and were recomputed in float32")
+    if r.missing_frames:
+        print(f"  note: the source is short by {r.missing_frames} frames of what its container states (--allow-short)")
 
 
 def run(args) -> int:
@@ -197,7 +202,8 @@ def run(args) -> int:
     if args.command == "encode":
         r = pipeline.encode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
                                   start=args.start, end=args.end, stride=args.stride,
-                                  latent_dtype=_dtype(args.latent_dtype), batch=args.batch or 4, quiet=args.quiet)
+                                  latent_dtype=_dtype(args.latent_dtype), batch=args.batch or 4,
+                                  allow_short=args.allow_short, quiet=args.quiet)
         _print_run("encode", r)
     elif args.command == "decode":
         r = pipeline.decode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
@@ -208,7 +214,8 @@ def run(args) -> int:
         enc, dec = pipeline.roundtrip_video(args.input, args.output, model, device=device, dtype=dtype,
                                             options=options, start=args.start, end=args.end, stride=args.stride,
                                             crf=args.crf, preset=args.x264_preset, lossless=args.lossless,
-                                            batch=args.batch or 4, quiet=args.quiet)
+                                            batch=args.batch or 4, allow_short=args.allow_short,
+                                            quiet=args.quiet)
         _print_run("encode", enc)
         _print_run("decode", dec)
         s = dec.summary()

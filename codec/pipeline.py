@@ -31,7 +31,9 @@ from .video import FrameReader, VideoWriter, probe_video
 
 @dataclass
 class RunReport:
-    """What a run did: frame count, wall time, per-frame latency (ms), cache hits, memory."""
+    """What a run did: frame count, wall time, per-frame latency (ms), cache hits, memory.
+    missing_frames: frames the source's container states that did not decode (a truncated
+    source read with ``allow_short``)."""
 
     frames: int = 0
     seconds: float = 0.0
@@ -46,6 +48,7 @@ class RunReport:
     norm: str = "tile"
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
+    missing_frames: int = 0
 
     @property
     def fps(self) -> float:
@@ -88,16 +91,20 @@ def _check_output(path: Path) -> None:
 def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoencoder | str = "default", *,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, options: CoderOptions | None = None,
                  start: int = 0, end: int | None = None, stride: int = 1, batch: int = 8,
-                 latent_dtype: torch.dtype = torch.float16, quiet: bool = True) -> RunReport:
+                 latent_dtype: torch.dtype = torch.float16, allow_short: bool = False,
+                 quiet: bool = True) -> RunReport:
     """Encode frames ``start:end:stride`` of the video ``src`` to the latent file ``dst``.
 
     The latent file is written under a temporary name and renamed when complete: an interrupted
-    or failed run leaves nothing at ``dst``.
+    or failed run leaves nothing at ``dst``. A source that decodes short of the frame count its
+    container states is an error, unless ``allow_short`` (then ``missing_frames`` of the report
+    counts them; the file records the container's count as ``source_frames``). The source's
+    display rotation is recorded as ``rotation`` (degrees counter-clockwise).
     """
     dst = Path(dst)
     _check_output(dst)
     model = _model(model, device, dtype)
-    reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch)
+    reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
     f = model.downscale
@@ -108,7 +115,10 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         "source_width": info.width, "source_height": info.height,
         "pad_bottom": encoder.padding[0], "pad_right": encoder.padding[1],
         "source_file": Path(src).name, "start": start, "stride": stride, "tool": f"codec {__version__}",
+        "rotation": info.rotation,
     }
+    if info.num_frames is not None:
+        meta["source_frames"] = info.num_frames
     total = _frame_count(info.num_frames, start, end, stride)
     report = RunReport()
     bar = progress(total, "encode", quiet)
@@ -131,6 +141,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         _pump(reader, work, write, "latent-writer", bar)
         if report.frames == 0:
             raise ValueError(f"{src}: no frames selected (start={start}, end={end}, stride={stride})")
+    report.missing_frames = reader.missing_frames
     return _finish(report, t0, encoder, model, encoder.stats)
 
 
@@ -166,7 +177,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     t0 = now()
     clock = OutputClock(reader.fps, reader.time_base)
     with VideoWriter(dst, width, height, reader.fps, crf=crf, preset=preset, lossless=lossless,
-                     time_base=clock.time_base) as out:
+                     time_base=clock.time_base, rotation=_recorded_rotation(src, meta)) as out:
 
         def write(item):
             frames, pts, ready = item
@@ -189,14 +200,15 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
                     device: str = "cpu", dtype: torch.dtype = torch.float32, options: CoderOptions | None = None,
                     start: int = 0, end: int | None = None, stride: int = 1, batch: int = 8,
                     crf: int = 18, preset: str = "medium", lossless: bool = False,
-                    quiet: bool = True) -> tuple[RunReport, RunReport]:
+                    allow_short: bool = False, quiet: bool = True) -> tuple[RunReport, RunReport]:
     """Encode and decode in one stream, writing ``dst`` and measuring PSNR/SSIM per frame of the
     decoded frames against the source frames (before any video-codec loss of ``dst``).
-    Returns the (encode, decode) reports; quality is in the decode report."""
+    Returns the (encode, decode) reports; quality is in the decode report. ``dst`` keeps the
+    source's rotation; ``allow_short`` as for :func:`encode_video`."""
     dst = Path(dst)
     _check_output(dst)
     model = _model(model, device, dtype)
-    reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch)
+    reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
     decoder = FrameDecoder(model, info.height, info.width, options)
@@ -205,7 +217,7 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     t0 = now()
     clock = OutputClock(Fraction(info.fps) / stride, info.time_base)
     with reader, VideoWriter(dst, info.width, info.height, clock.fps, crf=crf, preset=preset,
-                             lossless=lossless, time_base=clock.time_base) as out:
+                             lossless=lossless, time_base=clock.time_base, rotation=info.rotation) as out:
 
         def write(item):
             frames, pts = item
@@ -227,9 +239,19 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
             return frames, fb.pts
 
         _pump(reader, work, write, "video-writer", bar)
+    enc.missing_frames = dec.missing_frames = reader.missing_frames
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+def _recorded_rotation(src, meta: dict) -> int:
+    """The source's display rotation recorded at encode (files written before it: none)."""
+    value = meta.get("rotation", "0")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{src}: expected metadata 'rotation' in whole degrees, got {value!r}") from None
 
 
 class OutputClock:
@@ -326,7 +348,11 @@ def describe_latents(path: str | os.PathLike) -> dict:
 
 
 def describe_video(path: str | os.PathLike) -> dict:
+    """What the container says (``codec info``); ``num_frames_status`` is "exact" (a sample
+    count the container keeps), "estimated" or "unknown"."""
     info = probe_video(path)
     d = asdict(info)
-    d.update(fps=str(info.fps), time_base=str(info.time_base), size_bytes=Path(path).stat().st_size)
+    status = "exact" if info.num_frames_exact else "estimated" if info.num_frames is not None else "unknown"
+    d.update(fps=str(info.fps), time_base=str(info.time_base), size_bytes=Path(path).stat().st_size,
+             num_frames_status=status)
     return d

@@ -13,9 +13,11 @@ write/read round trip has no colour shift (mean error per channel < 0.05 levels)
 
 from __future__ import annotations
 
+import heapq
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,8 +38,11 @@ _RANGE_LIMITED = 1  # AVCOL_RANGE_MPEG
 class VideoInfo:
     """What the container says about the first video stream.
 
-    num_frames is exact when ``num_frames_exact`` (the container counts its frames), else an
-    estimate from duration x fps, or None when neither is known. duration is in seconds.
+    num_frames is exact when ``num_frames_exact``: an mp4/mov sample count that agrees with
+    duration x fps (other containers' counts, e.g. an AVI header, can be stale). Otherwise it is
+    an estimate, the smaller of the container's count and duration x fps, or None when neither
+    is known. duration is in seconds. rotation: degrees counter-clockwise in (-180, 180] from
+    the stream's display matrix (0 when it has none), the angle players turn the frames by.
     """
 
     path: str
@@ -50,6 +55,7 @@ class VideoInfo:
     duration: float | None
     codec: str
     pix_fmt: str
+    rotation: int = 0
 
 
 @dataclass
@@ -89,6 +95,14 @@ def _open_input(path: Path) -> av.container.InputContainer:
 def _info(path: Path, container) -> VideoInfo:
     stream = container.streams.video[0]
     ctx = stream.codec_context
+    if ctx is None:
+        raise ValueError(f"{path}: FFmpeg has no decoder for the video stream's codec "
+                         f"({container.format.name} format); convert it to a common codec first")
+    try:
+        ctx.open()
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: FFmpeg cannot open a decoder for the video stream's codec "
+                         f"{ctx.name} ({e.strerror or e})") from None
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
         raise ValueError(f"{path}: the video stream states no frame rate")
@@ -99,17 +113,42 @@ def _info(path: Path, container) -> VideoInfo:
         duration = float(stream.duration * time_base)
     elif container.duration:
         duration = container.duration / av.time_base
-    exact = bool(stream.frames)
-    num_frames = stream.frames if exact else (round(duration * fps) if duration else None)
+    num_frames, exact = _stated_frames(container.format.name, stream.frames, duration, fps)
     return VideoInfo(
         path=str(path), width=ctx.width, height=ctx.height, fps=fps, time_base=time_base,
         num_frames=num_frames, num_frames_exact=exact, duration=duration,
         codec=ctx.codec.canonical_name, pix_fmt=ctx.pix_fmt or "unknown",
+        rotation=_first_frame_rotation(container, stream),
     )
 
 
+def _stated_frames(format_name: str, counted: int, duration: float | None,
+                   fps: Fraction) -> tuple[int | None, bool]:
+    """(frame count, exact) from what the container states. Only an mp4/mov sample table that
+    agrees with duration x fps is taken as exact; any other count (an AVI header, a Matroska
+    tag) may be stale, so the estimate is the smaller of the statements."""
+    timed = round(duration * fps) if duration else 0
+    mp4 = bool({"mov", "mp4"} & set(format_name.split(",")))
+    if counted > 0 and mp4 and (not timed or abs(counted - timed) <= 1):
+        return counted, True
+    known = [n for n in (counted, timed) if n > 0]
+    return (min(known) if known else None), False
+
+
+def _first_frame_rotation(container, stream) -> int:
+    """The display-matrix rotation FFmpeg attaches to decoded frames (0 when none). Damaged
+    data is left for the reader to report, with its frame index."""
+    try:
+        frame = next(container.decode(stream), None)
+    except av.FFmpegError:
+        return 0
+    degrees = int(frame.rotation) % 360 if frame is not None else 0
+    return degrees - 360 if degrees > 180 else degrees
+
+
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Read a video's geometry, rate and length from its header (decodes nothing)."""
+    """Read a video's geometry, rate and length from its header; the first frame is decoded
+    for its display rotation (and to show that FFmpeg can decode the stream at all)."""
     path = Path(path)
     with _open_input(path) as container:
         return _info(path, container)
@@ -125,12 +164,20 @@ class FrameReader:
     counts decoded frames from 0 (frames before ``start`` are decoded, not converted). At most
     ``queue_size`` batches of ``batch`` frames wait in memory. Errors in the decoder thread
     (corrupt or truncated data) are raised to the consumer as ValueError naming the file and
-    frame index. Iterating again decodes again from the start. Use as a context manager, or
-    call close(), to stop the decoder thread when stopping early.
+    frame index, after the good frames before it. Iterating again decodes again from the start.
+    Use as a context manager, or call close(), to stop the decoder thread when stopping early.
+
+    Nothing is lost silently: a frame the decoder flags as damaged raises; so does a clip that
+    decodes to its end more than one frame and 2% short of what its container states (up to
+    ``end``): FFmpeg reads a file cut on a packet boundary without an error. With
+    ``allow_short`` such a clip warns instead, and ``missing_frames`` (of the last complete
+    pass) says how many frames were missing. pts are strictly increasing presentation times
+    (see :class:`_PresentationClock`).
     """
 
     def __init__(self, path: str | os.PathLike, start: int = 0, end: int | None = None,
-                 stride: int = 1, batch: int = 8, queue_size: int = 4, threads: bool = True):
+                 stride: int = 1, batch: int = 8, queue_size: int = 4, threads: bool = True,
+                 allow_short: bool = False):
         self.path = Path(path)
         for name, value, low in (("start", start, 0), ("stride", stride, 1), ("batch", batch, 1),
                                  ("queue_size", queue_size, 1)):
@@ -141,6 +188,7 @@ class FrameReader:
                              f"got {end!r}")
         self.start, self.end, self.stride = int(start), end, int(stride)
         self.batch, self.queue_size, self.threads = int(batch), int(queue_size), threads
+        self.allow_short, self.missing_frames = bool(allow_short), 0
         self.info = probe_video(self.path)
         self._stops: list[tuple[threading.Event, threading.Thread]] = []
 
@@ -158,6 +206,9 @@ class FrameReader:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, _Notice):
+                    warnings.warn(str(item), stacklevel=2)
+                    continue
                 yield item
         finally:
             stop.set()
@@ -198,17 +249,20 @@ class FrameReader:
 
     def _decode(self, stop: threading.Event) -> Iterator[FrameBatch]:
         info, sws = self.info, VideoReformatter()
-        frames, pts, indices, error = [], [], [], None
+        frames, pts, indices, error, ended = [], [], [], None, False
         with _open_input(self.path) as container:
             stream = container.streams.video[0]
             if self.threads:
                 stream.thread_type = "AUTO"
-            decoded = _decode_packets(container, stream)
+            rebuild = bool(stream.codec_context.has_b_frames) and _packets_lack_presentation_times(self.path)
+            clock = _PresentationClock(info.fps, info.time_base, rebuild)
+            decoded = _decode_packets(container, stream, clock)
             index = -1
             while not stop.is_set():
                 try:
-                    frame = next(decoded)
+                    frame, t = next(decoded)
                 except StopIteration:
+                    ended = True
                     break
                 except (av.FFmpegError, _CorruptPacket) as e:  # raised after the good frames
                     error = ValueError(f"{self.path}: corrupt or truncated video data at frame index "
@@ -217,13 +271,16 @@ class FrameReader:
                 index += 1
                 if self.end is not None and index >= self.end:
                     break
+                if frame.is_corrupt:  # concealed decoding errors: the picture is not the source's
+                    error = ValueError(f"{self.path}: corrupt video data at frame index {index} "
+                                       f"(the decoder flagged the frame as damaged)")
+                    break
                 if index < self.start or (index - self.start) % self.stride:
                     continue
                 rgb = sws.reformat(frame, width=info.width, height=info.height, format="rgb24",
                                    interpolation=_SWS_FLAGS)
                 frames.append(rgb.to_ndarray())
-                pts.append(frame.pts if frame.pts is not None
-                           else round(index / (info.fps * info.time_base)))
+                pts.append(t)
                 indices.append(index)
                 if len(frames) == self.batch:
                     yield _batch(frames, pts, indices)
@@ -232,21 +289,114 @@ class FrameReader:
             yield _batch(frames, pts, indices)
         if error is not None:
             raise error
+        if clock.repaired:
+            yield _Notice(f"{self.path}: {clock.repaired} frames had time stamps out of order; each was "
+                          f"placed one frame after the previous one")
+        self.missing_frames = 0
+        if ended:
+            self.missing_frames, notice = self._missing(index + 1)
+            if notice:
+                yield notice
+
+    def _missing(self, decoded: int) -> tuple[int, _Notice | None]:
+        """Frames the container states (up to ``end``) that did not decode: an error unless
+        ``allow_short``. Counts from duration x fps are off by a frame or so, hence the slack."""
+        stated, exact = self.info.num_frames, self.info.num_frames_exact
+        if stated is None:
+            return 0, None
+        expected = stated if self.end is None else min(self.end, stated)
+        missing = expected - decoded
+        if missing <= 1 + expected // 50:
+            return 0, None
+        asked = "" if expected == stated else f", up to end={self.end}"
+        msg = (f"{self.path}: the video ends early (truncated or damaged): {decoded} frames decode, "
+               f"expected {expected}{asked} (the container states {stated}"
+               f"{'' if exact else ', estimated'})")
+        if not self.allow_short:
+            raise ValueError(f"{msg}; pass --allow-short (allow_short=True) to keep the frames that decode")
+        return missing, _Notice(f"{msg}; kept the {decoded} frames that decode (allow_short)")
 
 
 class _CorruptPacket(Exception):
     pass
 
 
-def _decode_packets(container, stream) -> Iterator[av.VideoFrame]:
-    """Decoded frames in order. At a packet the demuxer flags corrupt (a short read: the file is
-    truncated) the decoder is flushed, so every good frame comes out, then _CorruptPacket is
-    raised. This matters with frame threading, whose decoder reports no such errors itself."""
+class _Notice(str):
+    """A warning from the decoder thread, issued in the consumer's thread."""
+
+
+def _packets_lack_presentation_times(path: Path, limit: int = 64) -> bool:
+    """True when none of the first ``limit`` packets has a pts that differs from its dts (pts
+    copied from dts by a remux, or none at all): then the pts carry only decode order."""
+    with _open_input(path) as container:  # a separate pass: demuxing without decoding is cheap
+        seen = 0
+        for packet in container.demux(container.streams.video[0]):
+            if not packet.size:
+                continue
+            if packet.pts is not None and packet.pts != packet.dts:
+                return False
+            seen += 1
+            if seen == limit:
+                break
+    return True
+
+
+class _PresentationClock:
+    """Strictly increasing presentation times, in the stream's time base, for the frames a
+    decoder returns (in presentation order).
+
+    ``rebuild``: the decoder reorders frames (B-frames) but the packets carry decode-order times
+    only (pts copied from dts, or none), so a frame's own pts is another frame's time. Then the
+    k-th frame out gets the k-th smallest packet time, which for one frame per packet is the
+    source's timing (same frame count, rate and duration). Otherwise the frame's own pts is
+    used. Either way a missing pts becomes one frame after the previous; a pts not after the
+    previous is moved there too and counted in ``repaired``.
+    """
+
+    def __init__(self, fps: Fraction, time_base: Fraction, rebuild: bool):
+        self.step = max(1, round(1 / (fps * time_base)))  # ticks per frame
+        self.rebuild, self.repaired = rebuild, 0
+        self._pending: list[int] = []  # packet times not yet given to a frame (a heap)
+        self._last: int | None = None
+
+    def packet(self, packet: av.Packet) -> None:
+        time = packet.pts if packet.pts is not None else packet.dts
+        if self.rebuild and packet.size and not packet.is_discard and time is not None:
+            heapq.heappush(self._pending, time)
+
+    def frame(self, frame: av.VideoFrame) -> int:
+        time = frame.pts
+        if self.rebuild:
+            time = heapq.heappop(self._pending) if self._pending else None
+        if time is None:
+            time = 0 if self._last is None else self._last + self.step
+        elif self._last is not None and time <= self._last:
+            time = self._last + self.step
+            self.repaired += 1
+        self._last = time
+        return time
+
+
+def _decode_packets(container, stream, clock: _PresentationClock) -> Iterator[tuple[av.VideoFrame, int]]:
+    """(frame, presentation time) in order. At a packet the demuxer flags corrupt (a short read:
+    the file is truncated) the decoder is flushed, so every good frame comes out, then
+    _CorruptPacket is raised. This matters with frame threading, whose decoder reports no such
+    errors itself."""
     for packet in container.demux(stream):
         if packet.is_corrupt:
-            yield from stream.decode(None)
+            for frame in stream.decode(None):
+                yield frame, clock.frame(frame)
             raise _CorruptPacket("the demuxer read a short or damaged packet")
-        yield from stream.decode(packet)
+        clock.packet(packet)
+        for frame in stream.decode(packet):
+            yield frame, clock.frame(frame)
+
+
+def _rotation(value, path: Path) -> int:
+    """A display rotation in degrees (an integer; any whole turn means none)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{path}: expected rotation in whole degrees, got {value!r}")
+    return int(value)
 
 
 def _batch(frames, pts, indices) -> FrameBatch:
@@ -263,6 +413,9 @@ class VideoWriter:
     qp 0 (RGB stored directly, any size, no padding): frames read back bit-exactly; few
     players other than ffmpeg play it.
 
+    ``rotation`` (degrees counter-clockwise, as :attr:`VideoInfo.rotation`) is stored as the
+    stream's display matrix, so players turn the frames the way the source's players did.
+
     Containers may store a finer time base than asked (mp4 keeps an integer timescale, e.g.
     1/30000 for 1001/30000); pts are then rescaled exactly and the frame rate is unchanged.
 
@@ -272,7 +425,7 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: Fraction | int | str,
                  crf: int = 18, preset: str = "medium", lossless: bool = False,
-                 time_base: Fraction | None = None):
+                 time_base: Fraction | None = None, rotation: int = 0):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ValueError(f"{self.path}: expected an existing output folder, "
@@ -289,6 +442,7 @@ class VideoWriter:
         if not 0 <= crf <= 51:
             raise ValueError(f"{self.path}: expected crf in 0..51, got {crf!r}")
         self.width, self.height, self.lossless = int(width), int(height), lossless
+        self.rotation = _rotation(rotation, self.path)
         self.time_base = Fraction(time_base) if time_base is not None else 1 / self.fps
         self._pad = (0, 0) if lossless else (self.height % 2, self.width % 2)
         self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
@@ -305,6 +459,8 @@ class VideoWriter:
             s.pix_fmt = "rgb24" if lossless else "yuv420p"
             s.time_base = self.time_base
             s.codec_context.time_base = self.time_base
+            if self.rotation % 360:
+                s.set_display_rotation(self.rotation)
             # swscale's RGB -> 4:2:0 averages chroma at the centre of each 2x2 block: tag it so
             # (chromaloc=1), else readers assume left siting and colours shift by half a pixel.
             opts = {"qp": "0"} if lossless else {"crf": str(crf), "x264-params": "chromaloc=1"}
