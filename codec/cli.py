@@ -213,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"codec: {what}; no partial output was kept", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        if debug:
+    except Exception as e:
+        if debug or not _expected(e):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = " ".join(str(e).split()) or type(e).__name__  # FFmpeg's and x264's multi-line texts too
         print(f"codec: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _expected(e: Exception) -> bool:
+    """Errors of the input, the settings or the machine (one line); anything else is a bug (traceback)."""
+    av = sys.modules.get("av")  # FFmpeg's errors, when PyAV was imported at all
+    ffmpeg = (av.FFmpegError,) if av is not None else ()
+    return isinstance(e, (ValueError, TypeError, OSError, RuntimeError, *ffmpeg))
 
 
 if __name__ == "__main__":

@@ -215,6 +215,18 @@ def test_too_wide_source_is_refused_before_the_work(model_file, tmp_path, capfd)
     assert not leftovers(tmp_path, "o.mp4")
 
 
+def test_ffmpeg_errors_mid_run_are_one_line(clip, model_file, tmp_path, capfd, monkeypatch):
+    import av
+
+    def failing(self, image, pts):
+        raise av.error.ExternalError(542398533, "Generic error in an external library\n(x264: frame\nrefused)")
+
+    monkeypatch.setattr(VideoWriter, "_encode", failing)
+    err = refused(["roundtrip", clip, "-o", tmp_path / "e.mp4", "--model", model_file, "--quiet"], capfd)
+    assert "external library (x264: frame refused)" in err
+    assert not leftovers(tmp_path, "e.mp4")
+
+
 # ---- signals -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["encode", "roundtrip"])
