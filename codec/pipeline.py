@@ -337,13 +337,14 @@ def describe_video(path: str | os.PathLike) -> dict:
     return d
 
 
-# Metadata values that stay text even when they look like numbers.
-_TEXT_KEYS = {"model_id", "model_source", "source_file", "checksum", "tool", "tool_version", "format", "family"}
+# Metadata values that stay text even when they look like numbers (names, paths, hashes).
+_TEXT_KEYS = {"checksum", "tool", "format", "family"}
+_TEXT_ENDINGS = ("_id", "_source", "_file", "_path", "hash", "_version", "_name")
 
 
 def _typed(key: str, value: str):
     """A latent file's metadata string as JSON would type it: int, float, bool, else the text."""
-    if key in _TEXT_KEYS or not isinstance(value, str):
+    if key in _TEXT_KEYS or key.endswith(_TEXT_ENDINGS) or not isinstance(value, str):
         return value
     if value in ("true", "false", "True", "False"):
         return value.lower() == "true"

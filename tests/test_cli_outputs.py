@@ -173,11 +173,20 @@ def test_every_output_is_checked_before_any_work(clip, model_file, tmp_path, cap
         refused(["bench", clip, "--model", model_file, *extra], capfd)
 
 
+@pytest.fixture(scope="module")
+def latent_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("latents")
+    clip = write_clip(folder / "clip.mp4", moving_square_frames(3, 32, 48))
+    lat = folder / "lat.safetensors"
+    assert main(["encode", str(clip), "-o", str(lat), "--model", str(tiny_model_file(folder / "m.safetensors")),
+                 "--quiet"]) == 0
+    return lat
+
+
 @pytest.mark.parametrize("suffix", [".webm", ".avi", ".gif", ".xyz", ""])
-def test_decode_to_a_container_x264_cannot_fill_is_refused_up_front(suffix, clip, model_file, tmp_path, capfd,
+def test_decode_to_a_container_x264_cannot_fill_is_refused_up_front(suffix, latent_file, tmp_path, capfd,
                                                                     monkeypatch):
-    lat = tmp_path / "lat.safetensors"
-    assert main(["encode", str(clip), "-o", str(lat), "--model", str(model_file), "--quiet"]) == 0
+    lat = latent_file
     monkeypatch.setattr("codec.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     err = refused(["decode", lat, "-o", tmp_path / f"out{suffix}"], capfd)
     assert ".mp4" in err and ".mkv" in err and ".mov" in err
@@ -423,6 +432,15 @@ def test_info_prints_typed_json(clip, model_file, tmp_path, capfd):
     v = json.loads(capfd.readouterr().out)
     assert (v["width"], v["height"], v["num_frames"]) == (48, 32, 6) and v["num_frames_exact"] is True
     assert v["fps"] == "25/1" and v["fps_float"] == 25.0 and isinstance(v["duration"], float)
+
+
+def test_metadata_typing_keeps_names_and_hashes_as_text():
+    from codec.pipeline import _typed
+
+    assert _typed("scaling_factor", "0.18215") == 0.18215 and _typed("num_frames", "12") == 12
+    assert _typed("exact", "true") is True and _typed("shift", "nan") == "nan"
+    for key in ("model_hash", "model_id", "model_source", "source_file", "tool_version", "checksum"):
+        assert _typed(key, "12e34") == "12e34"
 
 
 # ---- codec sample --------------------------------------------------------------------------------
