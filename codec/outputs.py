@@ -29,9 +29,6 @@ def check_output(path: str | os.PathLike, *, flag: str = "output", inputs: Itera
                          "useful: a latent file's header is completed when it closes, and videos are renamed "
                          "into place); name a file, e.g. ./out" + (suffixes[0] if suffixes else ""))
     path = Path(text)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}, "
-                         f"got {path.suffix or 'no suffix'!r}")
     try:
         mode = path.stat().st_mode  # follows symbolic links: what would be written over
     except FileNotFoundError:
@@ -42,6 +39,9 @@ def check_output(path: str | os.PathLike, *, flag: str = "output", inputs: Itera
         raise ValueError(f"{flag} {path}: is a folder; name a file inside it")
     if mode is not None and not stat.S_ISREG(mode):
         raise ValueError(f"{flag} {path}: is not a regular file (a device, pipe or socket); refusing to replace it")
+    if suffixes and path.suffix.lower() not in suffixes:
+        got = repr(path.suffix) if path.suffix else "none"
+        raise ValueError(f"{flag} {path}: expected a file name ending in {', '.join(suffixes)}; its suffix: {got}")
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the output folder {path.parent} does not exist")
     if mode is not None:

@@ -137,6 +137,8 @@ def test_device_nodes_and_folders_are_not_replaced(clip, model_file, tmp_path, c
     assert "not a regular file" in err
     err = refused(["roundtrip", clip, "-o", tmp_path / "o.mp4", "--report", "/dev/null", "--model", model_file], capfd)
     assert "not a regular file" in err
+    err = refused(["encode", clip, "-o", "/dev/null", "--model", model_file], capfd)
+    assert "not a regular file" in err
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and null.is_symlink()
     (tmp_path / "d.safetensors").mkdir()
     err = refused(["encode", clip, "-o", tmp_path / "d.safetensors", "--model", model_file], capfd)
