@@ -523,37 +523,33 @@ def read_frames(path: str | Path, count: int) -> tuple[np.ndarray, Fraction]:
 # ---- command line ---------------------------------------------------------------------------
 
 def add_parser(subparsers):
-    from .cli import _add_coder_args, _add_model_args
+    from .cli_args import add_coder_args, add_model_args, add_x264_preset_arg, int_at_least
 
     p = subparsers.add_parser("bench", help="per-frame latency against the usual frame loop, same frames and weights")
     p.add_argument("input", help="a video; its first --frames frames are decoded into memory first")
-    _add_model_args(p)
-    p.add_argument("--frames", type=int, default=16, help="timed frames (default 16)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up frames run first (default 2)")
-    p.add_argument("--chunk", type=int, default=1, help="frames per call on our side (default 1)")
+    add_model_args(p)
+    p.add_argument("--frames", type=int_at_least(1), default=16, help="timed frames (default 16)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up frames run first (default 2)")
+    p.add_argument("--chunk", type=int_at_least(1), default=1, help="frames per call on our side (default 1)")
     p.add_argument("--baseline", default="auto", choices=BASELINES,
                    help="compare against: diffusers (same weights), torch (our model, plain frame loop), none; "
                         "auto (default): diffusers where it has the model, else torch")
-    p.add_argument("--no-verify", action="store_true", help="report times even when outputs disagree")
+    p.add_argument("--no-verify", action="store_true", help="report times even when outputs disagree (default: off)")
     p.add_argument("--min-psnr", type=float, default=MIN_PSNR, help="agreement needed, dB (default %(default)s)")
-    p.add_argument("--preset-x264", dest="x264_preset", default="medium", help="x264 preset of the decode writes")
-    p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--plot", default=None, help="write a PNG of per-frame latency here")
-    _add_coder_args(p)
+    add_x264_preset_arg(p)
+    p.add_argument("--json", default=None, help="write the report here (default: none)")
+    p.add_argument("--plot", default=None, help="write a PNG of per-frame latency here (default: none)")
+    add_coder_args(p)
     return p
 
 
 def run(args) -> int:
-    from .cli import _load, _setup
+    """``codec bench`` with parsed arguments (the command checked the output paths already)."""
+    from .cli_args import load, setup
 
-    if args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    for out in (args.json, args.plot):
-        if out and not Path(out).parent.is_dir():
-            raise ValueError(f"{out}: the output folder {Path(out).parent} does not exist")
     frames, fps = read_frames(args.input, args.frames)
-    device, dtype, options = _setup(args)
-    model = _load(args, device, dtype)
+    device, dtype, options = setup(args)
+    model = load(args, device, dtype)
     r = bench_clip(frames, model, options=options, baseline=args.baseline, warmup=args.warmup, chunk=args.chunk,
                    fps=fps, verify=not args.no_verify, min_psnr=args.min_psnr, x264_preset=args.x264_preset,
                    clip=Path(args.input).name)
@@ -565,4 +561,3 @@ def run(args) -> int:
     if args.plot:
         plot_latency(args.plot, r)
     return 0
-

@@ -1,7 +1,8 @@
-"""The ``codec`` command: encode, decode, roundtrip, info, models, bench, train.
+"""The ``codec`` command: encode, decode, roundtrip, info, models, sample, bench, train.
 
-Errors reach the user as one line and a non-zero exit (2 for bad input, 130 for Ctrl-C);
-``--debug`` shows the traceback instead.
+Errors reach the user as one line and a non-zero exit (2 for bad input or arguments, 130 for
+Ctrl-C, 143 for SIGTERM; an interrupted run leaves no partial output); ``--debug``, anywhere on
+the line, shows the traceback instead. Every output path is checked before any work starts.
 """
 
 from __future__ import annotations
@@ -11,145 +12,105 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return getattr(torch, DTYPES[name])
-
-
-def _memory(text: str) -> int:
-    """'4G', '512M', '1.5GiB' -> bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(float(t))
-    except ValueError:
-        raise ValueError(f"--max-memory must look like 4G or 512M, got {text!r}") from None
+from .cli_args import (
+    add_coder_args,
+    add_model_args,
+    add_range_args,
+    add_video_out_args,
+    int_at_least,
+    load,
+    parse_dtype,
+    setup,
+)
+from .stages import Terminated, sigterm_raises
 
 
-def _add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
-    p.add_argument("--model", default=default,
-                   help="preset name, checkpoint file or folder (default: %(default)s)")
-    p.add_argument("--preset", default=None, help="latent convention when shapes cannot tell (sd3/flux1, sdxl)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model passes")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs for fixed tile shapes (CUDA)")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors as one line (``codec: error: ...``) and exit 2, without the usage block."""
 
-
-def _add_coder_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tiling and cache")
-    g.add_argument("--batch", type=int, default=None,
-                   help="frames read and coded together (default 4; fewer: lower latency, more: throughput)")
-    g.add_argument("--tile", type=int, default=None, help="tile size in px, a multiple of 8 (default: from the budget)")
-    g.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile/4)")
-    g.add_argument("--max-memory", type=_memory_arg, default=None, help="memory budget, e.g. 4G (default: free memory)")
-    g.add_argument("--norm", default="auto", choices=("auto", "tile", "global"),
-                   help="GroupNorm statistics per tile or over the whole frame (default: auto)")
-    g.add_argument("--cache", default="exact",
-                   help="temporal tile cache: off, exact, or a change threshold in uint8 units (default: exact)")
-    g.add_argument("--refresh", type=int, default=None, help="recompute every tile at least every N frames")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _memory_arg(text: str) -> int:
-    try:
-        return _memory(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_range_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
-    p.add_argument("--end", type=int, default=None, help="frame index to stop before (exclusive)")
-    p.add_argument("--stride", type=int, default=1, help="keep every K-th frame")
-    p.add_argument("--allow-short", action="store_true",
-                   help="keep the frames of a truncated source (fewer than its container states) "
-                        "with a warning, instead of failing")
-
-
-def _add_video_out_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality, 0-51, lower is better (default 18)")
-    p.add_argument("--preset-x264", dest="x264_preset", default="medium", help="x264 speed preset")
-    p.add_argument("--lossless", action="store_true", help="lossless H.264 (RGB), no codec loss")
+    def error(self, message: str):
+        self.exit(2, f"codec: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codec", description="Video <-> diffusion latents, fast and streaming.")
+    from .bench import add_parser as add_bench
+    from .outputs import LATENT_SUFFIXES
+    from .sample import FPS, FRAMES, HEIGHT, WIDTH
+    from .train.cli import add_parser as add_train
+    from .video import VideoWriter
+
+    videos = ", ".join(VideoWriter.SUFFIXES)
+    parser = OneLineParser(prog="codec", description="Video <-> diffusion latents, fast and streaming.")
     parser.add_argument("--version", action="version", version=f"codec {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("encode", help="video -> latent file (.safetensors)")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    _add_model_args(p)
-    _add_range_args(p)
-    p.add_argument("--latent-dtype", default="float16", help="stored latent dtype (default float16)")
-    _add_coder_args(p)
+    p.add_argument("input", help="a video file")
+    p.add_argument("-o", "--output", required=True, help=f"the latent file to write ({LATENT_SUFFIXES[0]})")
+    add_model_args(p)
+    add_range_args(p)
+    p.add_argument("--latent-dtype", default="float16", choices=("float32", "float16", "bfloat16"),
+                   help="stored latent dtype (default: float16)")
+    add_coder_args(p)
 
-    p = sub.add_parser("decode", help="latent file -> mp4")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    _add_model_args(p, default=None)
-    _add_video_out_args(p)
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
-    _add_coder_args(p)
+    p = sub.add_parser("decode", help="latent file -> video (H.264)")
+    p.add_argument("input", help="a latent file written by codec encode")
+    p.add_argument("-o", "--output", required=True, help=f"the video to write ({videos})")
+    add_model_args(p, default=None)
+    add_video_out_args(p)
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check (default: verify)")
+    add_coder_args(p)
 
     p = sub.add_parser("roundtrip", help="encode + decode, with PSNR/SSIM per frame")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--report", default=None, help="write a JSON report here")
-    p.add_argument("--plot", default=None, help="write a PNG of quality over time here")
-    _add_model_args(p)
-    _add_range_args(p)
-    _add_video_out_args(p)
-    _add_coder_args(p)
+    p.add_argument("input", help="a video file")
+    p.add_argument("-o", "--output", required=True, help=f"the decoded video to write ({videos})")
+    p.add_argument("--report", default=None, help="write a JSON report here (default: none)")
+    p.add_argument("--plot", default=None, help="write a PNG of quality over time here (default: none)")
+    add_model_args(p)
+    add_range_args(p)
+    add_video_out_args(p)
+    add_coder_args(p)
 
-    p = sub.add_parser("info", help="describe a latent file or a video")
-    p.add_argument("file")
+    p = sub.add_parser("info", help="describe a latent file or a video (JSON)")
+    p.add_argument("file", help="a latent file (.safetensors) or a video")
 
     sub.add_parser("models", help="list the model presets")
 
-    from .bench import add_parser as add_bench
-    from .train.cli import add_parser as add_train
+    p = sub.add_parser("sample", help="write a short synthetic test clip (moving shapes and texture)")
+    p.add_argument("output", help=f"the clip to write ({videos})")
+    p.add_argument("--frames", type=int_at_least(1), default=FRAMES, help=f"number of frames (default {FRAMES})")
+    p.add_argument("--size", default=f"{WIDTH}x{HEIGHT}", help=f"WIDTHxHEIGHT (default {WIDTH}x{HEIGHT})")
+    p.add_argument("--fps", type=int_at_least(1), default=FPS, help=f"frame rate (default {FPS})")
 
     add_bench(sub)
     add_train(sub)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (default: off; accepted anywhere)")
+    for command in sub.choices.values():  # --debug after the sub-command too; SUPPRESS keeps a leading one
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks (default: off)")
     return parser
 
 
-def _setup(args):
-    """(model source, device, dtype, CoderOptions) from the common arguments."""
-    import torch
+def check_output_paths(args) -> None:
+    """Every output path of the command, checked before any work (see ``codec.outputs``)."""
+    from .outputs import LATENT_SUFFIXES, PLOT_SUFFIXES, check_outputs, model_files
+    from .video import VideoWriter
 
-    from .coder import CoderOptions
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    dtype = _dtype(args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    options = CoderOptions(tile=args.tile, overlap=args.overlap, batch=args.batch, max_memory=args.max_memory,
-                           norm=args.norm, cache=args.cache, refresh=args.refresh)
-    return device, dtype, options
-
-
-def _load(args, device, dtype):
-    from .models import load_model
-    from .models.accel import accelerate
-
-    if args.model is None:
-        return None
-    model = load_model(args.model, device=device, dtype=dtype, preset_name=args.preset)
-    # channels_last and cuDNN autotuning on CUDA; compile and CUDA graphs when asked.
-    return accelerate(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    video = VideoWriter.SUFFIXES
+    if args.command == "sample":
+        outputs = [("output", args.output, video)]
+    elif args.command == "encode":
+        outputs = [("-o", args.output, LATENT_SUFFIXES)]
+    elif args.command == "decode":
+        outputs = [("-o", args.output, video)]
+    elif args.command == "roundtrip":
+        outputs = [("-o", args.output, video), ("--report", args.report, None),
+                   ("--plot", args.plot, PLOT_SUFFIXES)]
+    elif args.command == "bench":
+        outputs = [("--json", args.json, None), ("--plot", args.plot, PLOT_SUFFIXES)]
+    else:
+        return
+    check_outputs(outputs, inputs=[getattr(args, "input", None), *model_files(getattr(args, "model", None))])
 
 
 def _print_run(name: str, r) -> None:
@@ -188,6 +149,14 @@ def run(args) -> int:
         desc = pipeline.describe_latents(path) if path.suffix == ".safetensors" else pipeline.describe_video(path)
         print(json.dumps(desc, indent=2, default=str))
         return 0
+    check_output_paths(args)
+    if args.command == "sample":
+        from .sample import parse_size, write_sample
+
+        width, height = parse_size(args.size)
+        write_sample(args.output, args.frames, width, height, args.fps)
+        print(f"sample: {args.output}, {args.frames} frames of {width}x{height} at {args.fps} fps")
+        return 0
     if args.command == "bench":
         from .bench import run as run_bench
 
@@ -197,12 +166,12 @@ def run(args) -> int:
 
         return run_train(args)
 
-    device, dtype, options = _setup(args)
-    model = _load(args, device, dtype)
+    device, dtype, options = setup(args)
+    model = load(args, device, dtype)
     if args.command == "encode":
         r = pipeline.encode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
                                   start=args.start, end=args.end, stride=args.stride,
-                                  latent_dtype=_dtype(args.latent_dtype), batch=args.batch or 4,
+                                  latent_dtype=parse_dtype(args.latent_dtype), batch=args.batch or 4,
                                   allow_short=args.allow_short, quiet=args.quiet)
         _print_run("encode", r)
     elif args.command == "decode":
@@ -231,24 +200,35 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # until the arguments are parsed (a Ctrl-C may come first)
     try:
-        return run(args)
+        with sigterm_raises():
+            args = build_parser().parse_args(argv)
+            debug = args.debug
+            return run(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        if args.debug:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        if debug:
             raise
-        print("codec: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        if args.debug:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"codec: {what}; no partial output was kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        if debug or not _expected(e):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = " ".join(str(e).split()) or type(e).__name__  # FFmpeg's and x264's multi-line texts too
         print(f"codec: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _expected(e: Exception) -> bool:
+    """Errors of the input, the settings or the machine (one line); anything else is a bug (traceback)."""
+    av = sys.modules.get("av")  # FFmpeg's errors, when PyAV was imported at all
+    ffmpeg = (av.FFmpegError,) if av is not None else ()
+    return isinstance(e, (ValueError, TypeError, OSError, RuntimeError, *ffmpeg))
 
 
 if __name__ == "__main__":

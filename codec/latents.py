@@ -323,11 +323,15 @@ class LatentWriter:
             raise
 
     def abort(self) -> None:
-        """Discard the partial file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._tmp.unlink(missing_ok=True)
+        """Discard the partial file (also when closing it fails, e.g. on a full disk)."""
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                file.close()  # flushes the buffer: raises again on a full disk, yet closes the file
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> LatentWriter:
         return self

@@ -24,6 +24,7 @@ from .coder import CoderOptions, FrameDecoder, FrameEncoder
 from .latents import LatentReader, LatentWriter, check_compatible
 from .models import Autoencoder, load_model
 from .models.accel import accelerate
+from .outputs import PLOT_SUFFIXES, check_output, model_files
 from .quality import psnr, ssim
 from .stages import BackgroundStage, now, peak_host_mb, progress
 from .video import FrameReader, VideoWriter, probe_video
@@ -83,9 +84,10 @@ def _model(model: Autoencoder | str | os.PathLike, device, dtype) -> Autoencoder
     return accelerate(load_model(model, device=device, dtype=dtype))  # channels_last etc. on CUDA
 
 
-def _check_output(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: the output folder {path.parent} does not exist")
+def _check_output(dst, src=None, model=None, suffixes=None) -> Path:
+    """``dst`` as a Path if it may be written: not ``src``, not a file of ``model``, a regular
+    file path in an existing folder (``codec.outputs.check_output``)."""
+    return check_output(dst, inputs=[src, *model_files(model)], suffixes=suffixes)
 
 
 def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoencoder | str = "default", *,
@@ -101,9 +103,9 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     counts them; the file records the container's count as ``source_frames``). The source's
     display rotation is recorded as ``rotation`` (degrees counter-clockwise).
     """
-    dst = Path(dst)
-    _check_output(dst)
+    dst = _check_output(dst, src, model)
     model = _model(model, device, dtype)
+    _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
@@ -151,8 +153,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
                  verify: bool = True, quiet: bool = True) -> RunReport:
     """Decode the latent file ``src`` to the video ``dst`` (H.264). ``model`` None: the model
     recorded in the file. Refuses a model whose family or latent channels differ."""
-    dst = Path(dst)
-    _check_output(dst)
+    dst = _check_output(dst, src, model, VideoWriter.SUFFIXES)
     reader = LatentReader(src, batch=batch)
     meta = reader.metadata
     if verify:
@@ -166,6 +167,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
                              f"loaded; pass --model ({e})") from None
     else:
         model = _model(model, device, dtype)
+    _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
     check_compatible(meta, model.latent_channels, model.family, model.name)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
@@ -205,9 +207,9 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     decoded frames against the source frames (before any video-codec loss of ``dst``).
     Returns the (encode, decode) reports; quality is in the decode report. ``dst`` keeps the
     source's rotation; ``allow_short`` as for :func:`encode_video`."""
-    dst = Path(dst)
-    _check_output(dst)
+    dst = _check_output(dst, src, model, VideoWriter.SUFFIXES)
     model = _model(model, device, dtype)
+    _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
@@ -308,8 +310,7 @@ def _frame_count(total: int | None, start: int, end: int | None, stride: int) ->
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    path = Path(path)
-    _check_output(path)
+    path = _check_output(path)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -320,8 +321,7 @@ def plot_quality(path: str | os.PathLike, report: RunReport, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    _check_output(path)
+    path = _check_output(path, suffixes=PLOT_SUFFIXES)
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     a.plot(report.psnr, lw=1)
     a.set_ylabel("PSNR (dB)")
@@ -337,22 +337,50 @@ def plot_quality(path: str | os.PathLike, report: RunReport, title: str) -> None
 
 
 def describe_latents(path: str | os.PathLike) -> dict:
-    """Metadata, shape, frame count, duration and size of a latent file (for ``codec info``)."""
+    """Metadata, shape, frame count, duration and size of a latent file (for ``codec info``):
+    numbers as numbers, rationals as "num/den" text plus ``fps_float``."""
     with LatentReader(path) as r:
         fps = r.fps
+        meta = {k: _typed(k, v) for k, v in r.metadata.items()}
         return {
-            "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
+            **meta, "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
             "frames": r.num_frames, "dtype": str(r.dtype).removeprefix("torch."),
-            "duration_s": float(r.num_frames / fps) if fps else None, **r.metadata,
+            "fps": _rational(fps), "fps_float": float(fps), "time_base": _rational(r.time_base),
+            "duration_s": float(r.num_frames / fps) if fps else None,
         }
 
 
 def describe_video(path: str | os.PathLike) -> dict:
-    """What the container says (``codec info``); ``num_frames_status`` is "exact" (a sample
-    count the container keeps), "estimated" or "unknown"."""
+    """What the container says about a video (``VideoInfo``) and its size in bytes, typed JSON;
+    ``num_frames_status`` is "exact" (a sample count the container keeps), "estimated" or "unknown"."""
     info = probe_video(path)
     d = asdict(info)
     status = "exact" if info.num_frames_exact else "estimated" if info.num_frames is not None else "unknown"
-    d.update(fps=str(info.fps), time_base=str(info.time_base), size_bytes=Path(path).stat().st_size,
-             num_frames_status=status)
+    d.update(fps=_rational(info.fps), fps_float=float(info.fps), time_base=_rational(info.time_base),
+             size_bytes=Path(path).stat().st_size, num_frames_status=status)
     return d
+
+
+# Metadata values that stay text even when they look like numbers (names, paths, hashes).
+_TEXT_KEYS = {"checksum", "tool", "format", "family"}
+_TEXT_ENDINGS = ("_id", "_source", "_file", "_path", "hash", "_version", "_name")
+
+
+def _typed(key: str, value: str):
+    """A latent file's metadata string as JSON would type it: int, float, bool, else the text."""
+    if key in _TEXT_KEYS or key.endswith(_TEXT_ENDINGS) or not isinstance(value, str):
+        return value
+    if value in ("true", "false", "True", "False"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        return number if kind is int or np.isfinite(number) else value
+    return value
+
+
+def _rational(x: Fraction) -> str:
+    x = Fraction(x)
+    return f"{x.numerator}/{x.denominator}"

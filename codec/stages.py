@@ -1,9 +1,12 @@
-"""Small building blocks for streaming: a background consumer stage, a progress bar, a clock."""
+"""Small building blocks for streaming: a background consumer stage, a progress bar, a clock,
+and SIGTERM turned into an exception like Ctrl-C's."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -89,3 +92,28 @@ def peak_host_mb() -> float:
 
 
 now = time.perf_counter
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same
+    clean-up runs (partial outputs removed) wherever the run was."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread; a second SIGTERM
+    during the clean-up is ignored. Outside the main thread (where signals cannot be handled)
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -423,6 +423,9 @@ class VideoWriter:
     close; if the ``with`` block raises, the partial file is deleted.
     """
 
+    SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that take H.264 and play widely
+    MAX_SIZE = 16384  # px, width or height (after odd-size padding): x264's limit
+
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: Fraction | int | str,
                  crf: int = 18, preset: str = "medium", lossless: bool = False,
                  time_base: Fraction | None = None, rotation: int = 0):
@@ -430,9 +433,13 @@ class VideoWriter:
         if not self.path.parent.is_dir():
             raise ValueError(f"{self.path}: expected an existing output folder, "
                              f"{self.path.parent} does not exist")
+        if self.path.suffix.lower() not in self.SUFFIXES:
+            raise ValueError(f"{self.path}: libx264 video goes into {', '.join(self.SUFFIXES)} files, "
+                             f"got {self.path.suffix or 'no suffix'!r}")
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{self.path}: expected {name} to be a positive integer, got {value!r}")
+            if not isinstance(value, (int, np.integer)) or not 1 <= value <= self.MAX_SIZE:
+                raise ValueError(f"{self.path}: expected {name} to be an integer from 1 to {self.MAX_SIZE} "
+                                 f"(the most x264 encodes), got {value!r}")
         try:
             self.fps = Fraction(fps)
         except (TypeError, ValueError, ZeroDivisionError):
@@ -469,6 +476,11 @@ class VideoWriter:
                 ctx = s.codec_context
                 ctx.colorspace = ctx.color_primaries = ctx.color_trc = _BT709
                 ctx.color_range = _RANGE_LIMITED
+            s.codec_context.open()  # now, so that settings x264 refuses fail before any work
+        except av.FFmpegError as e:
+            self._abort()
+            raise ValueError(f"{self.path}: libx264 refused the settings ({self.width}x{self.height}, "
+                             f"preset {preset!r}, crf {crf}): {' '.join(str(e).split())}") from None
         except BaseException:
             self._abort()
             raise
@@ -524,13 +536,14 @@ class VideoWriter:
             raise
 
     def _abort(self) -> None:
-        if self._container is not None:
-            try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
-        self._tmp.unlink(missing_ok=True)
+        container, self._container = self._container, None
+        try:
+            if container is not None:
+                container.close()
+        except Exception:  # e.g. the disk is full: the trailer cannot be written, the file goes anyway
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
         return self

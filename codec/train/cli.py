@@ -25,42 +25,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="+", help="image/video files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output weights, .safetensors")
-    p.add_argument("--family", default="tiny", choices=["tiny"], help="architecture for training from scratch")
-    p.add_argument("--latent-channels", type=int, default=16, help="latent channels (from scratch)")
-    p.add_argument("--width", type=int, default=64, help="conv width of the tiny family (64 = TAESD)")
+    p.add_argument("--family", default="tiny", choices=["tiny"], help="architecture from scratch (default: tiny)")
+    p.add_argument("--latent-channels", type=int, default=16, help="latent channels, from scratch (default 16)")
+    p.add_argument("--width", type=int, default=64, help="conv width of the tiny family, 64 = TAESD (default 64)")
     p.add_argument("--resample", default="nearest", choices=["nearest", "shuffle"],
-                   help="tiny family from scratch: TAESD's nearest/stride-2 resampling or pixel (un)shuffle")
+                   help="tiny family from scratch: TAESD's nearest/stride-2 resampling or pixel (un)shuffle "
+                        "(default: nearest)")
     p.add_argument("--pca-init", action="store_true",
                    help="from scratch: start as the exact PCA codec of 8x8 patches and train its residual blocks "
-                        "(implies --resample shuffle)")
-    p.add_argument("--decoder-only", action="store_true", help="freeze the encoder of --init, train the decoder")
-    p.add_argument("--init", metavar="MODEL", help="start from this model (any file load_model reads)")
-    p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
-    p.add_argument("--batch", type=int, default=8, help="crops per step")
-    p.add_argument("--crop", type=int, default=128, help="crop size in pixels (multiple of 8)")
+                        "(implies --resample shuffle; default: off)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="freeze the encoder of --init, train the decoder (default: off)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this model, any file load_model reads (default: none, from scratch)")
+    p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
+    p.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    p.add_argument("--crop", type=int, default=128, help="crop size in pixels, a multiple of 8 (default 128)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate "
                    "(default 5e-4 from scratch, 1e-4 with --decoder-only or --pca-init)")
-    p.add_argument("--ssim-weight", type=float, default=1.0, help="weight of (1 - MS-SSIM)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
+    p.add_argument("--ssim-weight", type=float, default=1.0, help="weight of (1 - MS-SSIM) (default 1.0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ..., bf16 autocast on CUDA (default: cpu)")
     p.add_argument("--gan-start", type=int, default=None, metavar="N",
                    help="switch on the PatchGAN loss from step N (default: no GAN)")
-    p.add_argument("--gan-weight", type=float, default=0.5, help="factor on the adaptive GAN weight")
-    p.add_argument("--lpips", metavar="PATH", help="LPIPS-vgg weights file; without it LPIPS is off")
-    p.add_argument("--lpips-weight", type=float, default=1.0)
+    p.add_argument("--gan-weight", type=float, default=0.5, help="factor on the adaptive GAN weight (default 0.5)")
+    p.add_argument("--lpips", metavar="PATH", help="LPIPS-vgg weights file (default: none, LPIPS off)")
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (default 1.0)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out files whose name or path matches (repeatable)")
-    p.add_argument("--frames-per-clip", type=int, default=64, help="frames kept per video, evenly spread")
+                   help="leave out files whose name or path matches, repeatable (default: none)")
+    p.add_argument("--frames-per-clip", type=int, default=64, help="frames kept per video, evenly spread (default 64)")
     p.add_argument("--color-aug", action="store_true",
-                   help="jitter colours: random channel order, saturation and channel gains")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its settings win)")
+                   help="jitter colours: random channel order, saturation and channel gains (default: off)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint, its settings win (default: none)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: <out>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
-                   help="write checkpoint, --out snapshot and plot every N steps")
+                   help="write checkpoint, --out snapshot and plot every N steps (default 500)")
     p.add_argument("--log-every", type=int, default=50, metavar="N",
-                   help="without a terminal, print one progress line every N steps")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                   help="without a terminal, print one progress line every N steps (default 50)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the saved weight average (default 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def config_from_args(args: argparse.Namespace):
