@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # until the arguments are parsed (a Ctrl-C may come first)
     try:
-        with sigterm_raises():
+        with sigterm_raises(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
             args = build_parser().parse_args(argv)
             debug = args.debug
             return run(args)
@@ -222,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__  # FFmpeg's and x264's multi-line texts too
         print(f"codec: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of a command run as one line, like its errors (no source line under them)."""
+    print(f"codec: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _expected(e: Exception) -> bool:
