@@ -103,9 +103,9 @@ class _TiledCoder:
             return x.new_empty(0)
         return torch.cat([fn(x[i:i + self.plan.batch]) for i in range(0, x.shape[0], self.plan.batch)])
 
-    def _code(self, tiles: torch.Tensor, frames: int, fn, prepare, module: torch.nn.Module,
-              frame_stats) -> torch.Tensor:
-        """tiles (N*K, ...) cache units -> per-tile results (N*K, ...) via the cache and ``fn``."""
+    def _code(self, tiles: torch.Tensor, frames: int, fn, prepare, frame_stats) -> torch.Tensor:
+        """tiles (N*K, ...) cache units -> per-tile results (N*K, ...) via the cache and
+        ``fn(x, norm=...)`` (the model's encode or decode)."""
         k = len(self.layout)
         grouped = tiles.view(frames, k, *tiles.shape[1:])
         if not self.global_norm:
@@ -116,7 +116,7 @@ class _TiledCoder:
             return result
         # Global statistics: one frame at a time, all its tiles in one batch.
         if self._gn is None:
-            self._gn = GlobalNorm(module, self.layout.core_boxes(), self.layout.tile_hw)
+            self._gn = GlobalNorm(self.layout.core_boxes(), self.layout.tile_hw)
         results = []
         for t in range(frames):
             stats = frame_stats(t)
@@ -128,12 +128,10 @@ class _TiledCoder:
             if replay and tol == 0:
                 replay = bool(self.cache.hits(grouped[t]).all())
             compute, source = self.cache.schedule(grouped[t:t + 1], force=not replay)
-            if replay:
-                with self._gn.replay():
-                    out = self._run(fn, prepare(grouped[t][compute]))
+            if replay:  # the recorded statistics, per layer: any tiles, in batches of any size
+                out = self._run(lambda x: fn(x, norm=self._gn.replay), prepare(grouped[t][compute]))
             else:  # fresh statistics from the whole frame: every tile in one batch
-                with self._gn.sync():
-                    out = fn(prepare(grouped[t]))
+                out = fn(prepare(grouped[t]), norm=self._gn.measure)
                 self._anchor_stats = stats
             results.append(self.cache.gather(source, out))
             self.cache.commit(out)
@@ -170,7 +168,7 @@ class FrameEncoder(_TiledCoder):
             f = padded[t].float()
             return torch.cat([f.mean((0, 1)), f.std((0, 1))])
 
-        latents = self._code(tiles, n, self.model.encode, prepare, self.model, frame_stats)
+        latents = self._code(tiles, n, self.model.encode, prepare, frame_stats)
         return self.layout.blend(latents, n, scale=1)
 
 
@@ -198,7 +196,7 @@ class FrameDecoder(_TiledCoder):
             z = latents[t].float() * self.cache.unit
             return torch.cat([z.mean((1, 2)), z.std((1, 2))])
 
-        images = self._code(tiles, n, self.model.decode, prepare, self.model, frame_stats)
+        images = self._code(tiles, n, self.model.decode, prepare, frame_stats)
         canvas = self.layout.blend(images, n, scale=f)
         return kernels.output_to_frames(canvas, self.height, self.width)
 
