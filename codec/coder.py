@@ -72,7 +72,8 @@ def pad_edge(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class _TiledCoder:
     """What encoder and decoder share: plan, layout, cache, global-norm replay, statistics."""
 
-    def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions, unit: float):
+    def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions, unit: float,
+                 decode: bool):
         self.model, self.options = model, options
         f = model.downscale
         self.height, self.width = height, width  # source pixels
@@ -82,12 +83,13 @@ class _TiledCoder:
         tile = options.tile
         if tile is None and self.cache.threshold and max(self.h8, self.w8) > CACHE_TILE:
             tile = CACHE_TILE  # a threshold cache works per tile: whole frames rarely stay still
-        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, options.batch,
-                                         tile, options.overlap)
+        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, decode=decode,
+                                         batch=options.batch, tile=tile, overlap=options.overlap)
         lat_tile = (self.plan.tile or max(self.h8, self.w8)) // f
         self.layout = TileLayout(self.h8 // f, self.w8 // f, lat_tile, self.plan.overlap // f)
         has_norm = any(isinstance(m, GroupNormAct) for m in model.modules())
-        tiles_fit = activation_bytes(model, len(self.layout) * lat_tile**2 * f * f, model.dtype, True) <= budget
+        frame_tiles = len(self.layout) * lat_tile**2 * f * f  # pixels of a frame's tiles in one batch
+        tiles_fit = activation_bytes(model, frame_tiles, model.dtype, decode) <= budget
         self.global_norm = has_norm and not self.layout.is_whole_frame and (
             options.norm == "global" or (options.norm == "auto" and tiles_fit))
         self._gn: GlobalNorm | None = None
@@ -142,7 +144,7 @@ class FrameEncoder(_TiledCoder):
     """uint8 frames -> scaled latents, tiled and cached (see module docstring)."""
 
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
-        super().__init__(model, height, width, options or CoderOptions(), unit=1.0)
+        super().__init__(model, height, width, options or CoderOptions(), unit=1.0, decode=False)
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -176,7 +178,7 @@ class FrameDecoder(_TiledCoder):
     """scaled latents -> uint8 frames cropped to the source size, tiled and cached."""
 
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
-        super().__init__(model, height, width, options or CoderOptions(), unit=127.5)
+        super().__init__(model, height, width, options or CoderOptions(), unit=127.5, decode=True)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
