@@ -72,7 +72,8 @@ def pad_edge(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class _TiledCoder:
     """What encoder and decoder share: plan, layout, cache, global-norm replay, statistics."""
 
-    def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions, unit: float):
+    def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions, unit: float,
+                 decode: bool):
         self.model, self.options = model, options
         f = model.downscale
         self.height, self.width = height, width  # source pixels
@@ -82,12 +83,13 @@ class _TiledCoder:
         tile = options.tile
         if tile is None and self.cache.threshold and max(self.h8, self.w8) > CACHE_TILE:
             tile = CACHE_TILE  # a threshold cache works per tile: whole frames rarely stay still
-        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, options.batch,
-                                         tile, options.overlap)
+        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, decode=decode,
+                                         batch=options.batch, tile=tile, overlap=options.overlap)
         lat_tile = (self.plan.tile or max(self.h8, self.w8)) // f
         self.layout = TileLayout(self.h8 // f, self.w8 // f, lat_tile, self.plan.overlap // f)
         has_norm = any(isinstance(m, GroupNormAct) for m in model.modules())
-        tiles_fit = activation_bytes(model, len(self.layout) * lat_tile**2 * f * f, model.dtype, True) <= budget
+        frame_tiles = len(self.layout) * lat_tile**2 * f * f  # pixels of a frame's tiles in one batch
+        tiles_fit = activation_bytes(model, frame_tiles, model.dtype, decode) <= budget
         self.global_norm = has_norm and not self.layout.is_whole_frame and (
             options.norm == "global" or (options.norm == "auto" and tiles_fit))
         self._gn: GlobalNorm | None = None
@@ -103,9 +105,9 @@ class _TiledCoder:
             return x.new_empty(0)
         return torch.cat([fn(x[i:i + self.plan.batch]) for i in range(0, x.shape[0], self.plan.batch)])
 
-    def _code(self, tiles: torch.Tensor, frames: int, fn, prepare, module: torch.nn.Module,
-              frame_stats) -> torch.Tensor:
-        """tiles (N*K, ...) cache units -> per-tile results (N*K, ...) via the cache and ``fn``."""
+    def _code(self, tiles: torch.Tensor, frames: int, fn, prepare, frame_stats) -> torch.Tensor:
+        """tiles (N*K, ...) cache units -> per-tile results (N*K, ...) via the cache and
+        ``fn(x, norm=...)`` (the model's encode or decode)."""
         k = len(self.layout)
         grouped = tiles.view(frames, k, *tiles.shape[1:])
         if not self.global_norm:
@@ -116,7 +118,7 @@ class _TiledCoder:
             return result
         # Global statistics: one frame at a time, all its tiles in one batch.
         if self._gn is None:
-            self._gn = GlobalNorm(module, self.layout.core_boxes(), self.layout.tile_hw)
+            self._gn = GlobalNorm(self.layout.core_boxes(), self.layout.tile_hw)
         results = []
         for t in range(frames):
             stats = frame_stats(t)
@@ -128,12 +130,10 @@ class _TiledCoder:
             if replay and tol == 0:
                 replay = bool(self.cache.hits(grouped[t]).all())
             compute, source = self.cache.schedule(grouped[t:t + 1], force=not replay)
-            if replay:
-                with self._gn.replay():
-                    out = self._run(fn, prepare(grouped[t][compute]))
+            if replay:  # the recorded statistics, per layer: any tiles, in batches of any size
+                out = self._run(lambda x: fn(x, norm=self._gn.replay), prepare(grouped[t][compute]))
             else:  # fresh statistics from the whole frame: every tile in one batch
-                with self._gn.sync():
-                    out = fn(prepare(grouped[t]))
+                out = fn(prepare(grouped[t]), norm=self._gn.measure)
                 self._anchor_stats = stats
             results.append(self.cache.gather(source, out))
             self.cache.commit(out)
@@ -144,7 +144,7 @@ class FrameEncoder(_TiledCoder):
     """uint8 frames -> scaled latents, tiled and cached (see module docstring)."""
 
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
-        super().__init__(model, height, width, options or CoderOptions(), unit=1.0)
+        super().__init__(model, height, width, options or CoderOptions(), unit=1.0, decode=False)
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -170,7 +170,7 @@ class FrameEncoder(_TiledCoder):
             f = padded[t].float()
             return torch.cat([f.mean((0, 1)), f.std((0, 1))])
 
-        latents = self._code(tiles, n, self.model.encode, prepare, self.model, frame_stats)
+        latents = self._code(tiles, n, self.model.encode, prepare, frame_stats)
         return self.layout.blend(latents, n, scale=1)
 
 
@@ -178,7 +178,7 @@ class FrameDecoder(_TiledCoder):
     """scaled latents -> uint8 frames cropped to the source size, tiled and cached."""
 
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
-        super().__init__(model, height, width, options or CoderOptions(), unit=127.5)
+        super().__init__(model, height, width, options or CoderOptions(), unit=127.5, decode=True)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class FrameDecoder(_TiledCoder):
             z = latents[t].float() * self.cache.unit
             return torch.cat([z.mean((1, 2)), z.std((1, 2))])
 
-        images = self._code(tiles, n, self.model.decode, prepare, self.model, frame_stats)
+        images = self._code(tiles, n, self.model.decode, prepare, frame_stats)
         canvas = self.layout.blend(images, n, scale=f)
         return kernels.output_to_frames(canvas, self.height, self.width)
 

@@ -141,23 +141,87 @@ class TileLayout:
 
 
 # ---- sizing from a memory budget ---------------------------------------------------------------
+#
+# The estimate walks the model's stages from its config and takes the largest set of activations
+# alive at once, in "channels x pixels" at each stage's resolution. What is alive follows eager
+# PyTorch: a module's input stays referenced until its call returns, so a stage's input is held
+# while its blocks run, and a ResNet block holds its input while its norm/conv outputs come and go.
+# Checked against the live tensor bytes measured with a dispatch mode (tests/test_memory_estimate.py).
+
+WORKSPACE = 1.25  # convolution workspaces and allocator rounding on top of the live activations
+
+
+def _norm_temporaries(dtype: torch.dtype, device: torch.device) -> int:
+    """Activations a GroupNorm+act holds besides its input, in units of its width: the Triton
+    kernel writes its output only (1); the torch path keeps the norm output and the activation
+    (2), in low precision also their fp32 copies (5 units of the half-precision width)."""
+    if kernels.use_triton(torch.empty(0, device=device)):
+        return 1
+    return 2 if dtype == torch.float32 else 5
+
+
+def _resnet(c_in: int, c_out: int, t: int) -> int:
+    """Peak of a ResNet block (norm, conv, norm, conv, shortcut), its input included."""
+    shortcut = c_out if c_in != c_out else 0
+    return c_in + max(t * c_in, c_in + c_out, c_out + t * c_out, 2 * c_out + shortcut)
+
+
+def _mid(c: int, t: int) -> int:
+    """Peak of the mid block with its input held: a ResNet block, or self-attention (norm output,
+    q, k, v, the attended values, the projection and its reshaped copy)."""
+    return c + max(_resnet(c, c, t), 7 * c)
+
+
+def _kl_stages(cfg, decode: bool, t: int) -> list[tuple[float, float]]:
+    """(resolution as a fraction of the image's pixels, peak width in channels at that resolution)
+    for every stage of the KL encoder or decoder; t: see :func:`_norm_temporaries`."""
+    ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+    stages = []
+    if not decode:
+        prev = ch[0]
+        stages.append((1.0, 3 + ch[0]))  # conv_in
+        for i, c in enumerate(ch):
+            s = 4.0**-i
+            peak = max(_resnet(prev, c, t), prev + _resnet(c, c, t))  # later blocks: stage input held
+            if i < n - 1:  # stride-2 conv: its input, a padded copy, the quarter-size output
+                peak = max(peak, prev + 2 * c + c / 4)
+            stages.append((s, peak))
+            prev = c
+        return stages + [(4.0 ** -(n - 1), _mid(ch[-1], t))]
+    rev = tuple(reversed(ch))
+    stages.append((4.0 ** -(n - 1), _mid(rev[0], t)))  # conv_in's output held by the mid block
+    prev = rev[0]
+    for i, c in enumerate(rev):
+        s = 4.0 ** -(n - 1 - i)
+        peak = max(_resnet(prev, c, t), prev + _resnet(c, c, t))
+        stages.append((s, peak))
+        if i < n - 1:  # fused 2x upsample + conv: input, 4 phases at the input size, 2x output
+            stages.append((4 * s, (prev + c + 4 * c) / 4 + c))
+        prev = c
+    stages.append((1.0, prev + ch[0] * t + 3))  # conv_norm_out, conv_out
+    return stages
+
 
 def activation_bytes(model, pixels: int, dtype: torch.dtype, decode: bool) -> int:
-    """Peak activation memory of one image of ``pixels`` pixels through ``model`` (an estimate
-    from the architecture: the widest full-resolution activations that are alive at once, plus
-    the attention matrix of the mid block, which grows with the square of the tile area)."""
+    """Peak activation memory of one image of ``pixels`` pixels through the model's encoder
+    (``decode=False``: input pixels) or decoder (output pixels), from its config.
+
+    KL: the largest stage peak (the decoder's last stage reads twice the first stage's width at
+    full resolution), plus the mid block's attention matrix where the CPU may materialize it
+    (tokens x tokens fp32; CUDA's attention does not). Tiny: three full-width activations at full
+    resolution (a block's input, a conv output and the next), plus the 3-channel image.
+    """
     item = torch.tensor([], dtype=dtype).element_size()
     cfg = model.config
     if cfg.family == "kl":
-        full = cfg.block_out_channels[0]  # widest full-resolution stage, encoder and decoder alike
-        live = 6  # input, norm out, conv out, residual, shortcut, workspace
+        stages = _kl_stages(cfg, decode, _norm_temporaries(dtype, model.device))
+        widths = max(s * w for s, w in stages)
         tokens = pixels // (model.downscale**2)
-        # The CPU's attention may materialize the (tokens x tokens) fp32 matrix; CUDA's does not.
         on_cpu = model.device.type == "cpu"
         attn = tokens * tokens * 4 if cfg.mid_block_add_attention and on_cpu else 0
-        return int(pixels * full * item * live + attn)
-    live = 4  # input, conv out, residual, workspace
-    return int(pixels * cfg.width * item * live)
+        return int(pixels * widths * item * WORKSPACE + attn)
+    widths = 3 * cfg.width + 3
+    return int(pixels * widths * item * WORKSPACE)
 
 
 @dataclass(frozen=True)
@@ -169,9 +233,14 @@ class TilePlan:
     batch: int
 
 
-def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.dtype, batch: int | None = None,
-               tile: int | None = None, overlap: int | None = None) -> TilePlan:
-    """Choose tile and batch sizes so a model call fits ``budget_bytes``.
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.dtype, *, decode: bool,
+               batch: int | None = None, tile: int | None = None, overlap: int | None = None) -> TilePlan:
+    """Choose tile and batch sizes so a model call of the encoder (``decode=False``) or the decoder
+    fits ``budget_bytes``, from that direction's :func:`activation_bytes`.
 
     Whole frames when one fits, else the largest tile from a ladder of sizes that does. Explicit
     ``tile``/``overlap``/``batch`` are checked and kept. Sizes in pixels, multiples of 8.
@@ -188,8 +257,7 @@ def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.d
         raise ValueError(f"the memory budget must be positive, got {budget_bytes} bytes")
 
     def cost(t_h: int, t_w: int) -> int:
-        return max(activation_bytes(model, t_h * t_w, dtype, decode=True),
-                   activation_bytes(model, t_h * t_w, dtype, decode=False))
+        return activation_bytes(model, t_h * t_w, dtype, decode=decode)
 
     if tile is None and cost(height, width) <= budget_bytes:
         chosen = None
@@ -198,11 +266,12 @@ def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.d
         ladder = [tile] if tile is not None else [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64)
                                                    if t < max(height, width)]
         chosen = next((t for t in ladder if cost(min(t, height), min(t, width)) <= budget_bytes), None)
-        if chosen is None:
-            smallest = ladder[-1] if ladder else tile
-            need = cost(min(smallest, height), min(smallest, width))
-            raise ValueError(f"the memory budget ({budget_bytes / 2**20:.0f} MiB) is too small for one "
-                             f"{smallest}x{smallest} tile (needs about {need / 2**20:.0f} MiB)")
+        if chosen is None:  # the smallest candidate, or the whole frame when no tile is smaller
+            h, w = (min(ladder[-1], height), min(ladder[-1], width)) if ladder else (height, width)
+            what = f"one {h}x{w} tile" if ladder else f"one {h}x{w} frame (no smaller tile is useful)"
+            raise ValueError(f"the memory budget ({_mib(budget_bytes)}) is too small for {what}: the "
+                             f"{'decoder' if decode else 'encoder'} needs about {_mib(cost(h, w))}; "
+                             "raise --max-memory")
         per = cost(min(chosen, height), min(chosen, width))
     if overlap is None:
         overlap = 0 if chosen is None else max(f * 4, (chosen // 4) // f * f)

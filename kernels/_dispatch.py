@@ -8,8 +8,13 @@ Force the reference with the environment variable ``CODEC_KERNELS=reference``, w
 :func:`force_reference` (a context manager), or per call with ``reference=True``.
 
 A kernel that Triton cannot compile or launch on this machine (a compiler error, too little shared
-memory, ptxas failing) is not fatal: :func:`run_kernel` warns once and that kernel runs
-its reference from then on, so a new GPU or Triton version degrades speed, never results.
+memory, ptxas failing, a launch the driver refuses) is not fatal: :func:`run_kernel` warns once
+and that kernel runs its reference from then on, so a new GPU or Triton version degrades speed,
+never results.
+
+Launch grids: CUDA allows up to 2**31 - 1 programs along grid x but only 65535 along y and z, so
+every kernel here runs on the 1-D grid :func:`launch_grid` returns and loops over its units of work
+(``for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0))``): any tensor size launches.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ try:  # Triton is optional: macOS and Windows wheels do not exist.
 except Exception:  # pragma: no cover - depends on the platform
     HAVE_TRITON = False
     LAUNCH_ERRORS = ()
+
+# CUDA's limit on grid x (y and z: 65535, unused here). A module constant so that tests can lower
+# it and make every program loop over several units of work.
+MAX_PROGRAMS = 2**31 - 1
+# The driver's answer to a launch it refuses (e.g. a grid over its limits): Triton raises a plain
+# RuntimeError with this text (CUDA_ERROR_INVALID_VALUE), matched by _is_launch_error.
+_REFUSED_LAUNCH = "Triton Error [CUDA]: invalid argument"
 
 _state = threading.local()
 _unusable: dict[str, str] = {}  # kernel name -> why Triton could not run it here
@@ -71,6 +83,19 @@ def use_triton(*tensors: torch.Tensor, reference: bool = False) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
+def launch_grid(programs: int) -> tuple[int]:
+    """The 1-D launch grid for ``programs`` units of work: ``(min(programs, MAX_PROGRAMS),)``, at
+    least 1. Kernels loop ``pid`` from ``tl.program_id(0)`` to ``programs`` in steps of the grid."""
+    if programs < 0:
+        raise ValueError(f"programs must be >= 0, got {programs}")
+    return (max(1, min(int(programs), MAX_PROGRAMS)),)
+
+
+def _is_launch_error(err: Exception) -> bool:
+    return isinstance(err, LAUNCH_ERRORS) or (
+        isinstance(err, RuntimeError) and str(err).startswith(_REFUSED_LAUNCH))
+
+
 def run_kernel(name: str, tensors: tuple[torch.Tensor, ...], reference: bool,
                triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
     """Every kernel's entry point: ``triton_call()`` where the dispatch rule sends ``tensors`` to
@@ -82,7 +107,9 @@ def run_kernel(name: str, tensors: tuple[torch.Tensor, ...], reference: bool,
     if use_triton(*tensors, reference=reference) and name not in _unusable:
         try:
             return triton_call()
-        except LAUNCH_ERRORS as err:
+        except Exception as err:
+            if not _is_launch_error(err):
+                raise
             _unusable[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             warnings.warn(f"kernels.{name}: Triton cannot run it here ({_unusable[name]}); "
                           "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)

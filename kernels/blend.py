@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._dispatch import HAVE_TRITON, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
 
 if HAVE_TRITON:
     import triton
@@ -25,25 +25,27 @@ if HAVE_TRITON:
         C, TH, TW, FR, H, W,
         t_k, t_c, t_h, t_w,
         WIN_K,  # TH * TW when every tile has its own window, 0 when they share one
+        BLOCKS, TOTAL,  # BLOCK-sized pieces per tile row; units of work K * TH * BLOCKS (launch_grid)
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)  # k * TH + i: one row of one tile, every channel
-        k = row // TH
-        i = row % TH
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        f = tl.load(org_ptr + k * 3)
-        y = tl.load(org_ptr + k * 3 + 1) + i
-        x = tl.load(org_ptr + k * 3 + 2) + j
-        # Clip tiles that stick out of the canvas (or name a frame outside it).
-        ok_row = (f >= 0) & (f < FR) & (y >= 0) & (y < H)  # scalar: broadcast it by where()
-        mask = tl.where(ok_row, (j < TW) & (x >= 0) & (x < W), False)
-        w = tl.load(win_ptr + k * WIN_K + i * TW + j, mask=mask, other=0.0)
-        pix = (f * H + y) * W + x  # int64: origins are int64
-        tl.atomic_add(den_ptr + pix, w, mask=mask)
-        src = tile_ptr + k.to(tl.int64) * t_k + i.to(tl.int64) * t_h + j.to(tl.int64) * t_w
-        for c in range(C):
-            v = tl.load(src + c * t_c, mask=mask, other=0.0).to(tl.float32)
-            tl.atomic_add(num_ptr + pix + (f * (C - 1) + c) * H * W, w * v, mask=mask)
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            row = pid // BLOCKS  # k * TH + i: one row of one tile, every channel
+            k = row // TH
+            i = row % TH
+            j = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+            f = tl.load(org_ptr + k * 3)
+            y = tl.load(org_ptr + k * 3 + 1) + i
+            x = tl.load(org_ptr + k * 3 + 2) + j
+            # Clip tiles that stick out of the canvas (or name a frame outside it).
+            ok_row = (f >= 0) & (f < FR) & (y >= 0) & (y < H)  # scalar: broadcast it by where()
+            mask = tl.where(ok_row, (j < TW) & (x >= 0) & (x < W), False)
+            w = tl.load(win_ptr + k * WIN_K + i * TW + j, mask=mask, other=0.0)
+            pix = (f * H + y) * W + x  # int64: origins are int64
+            tl.atomic_add(den_ptr + pix, w, mask=mask)
+            src = tile_ptr + k.to(tl.int64) * t_k + i.to(tl.int64) * t_h + j.to(tl.int64) * t_w
+            for c in range(C):
+                v = tl.load(src + c * t_c, mask=mask, other=0.0).to(tl.float32)
+                tl.atomic_add(num_ptr + pix + (f * (C - 1) + c) * H * W, w * v, mask=mask)
 
 
 def ramp_window(th, tw, overlap_y, overlap_x, edges=(False, False, False, False), device=None):
@@ -124,10 +126,11 @@ def _blend_triton(tiles, origins, window, out_shape):
     org = origins.to(device=tiles.device, dtype=torch.int64).contiguous()
     win = window.to(device=tiles.device, dtype=torch.float32).contiguous()
     block = min(1024, triton.next_power_of_2(max(tw, 16)))
+    blocks = triton.cdiv(tw, block)
     if k and th and tw:
-        _blend_scatter_kernel[(k * th, triton.cdiv(tw, block))](
+        _blend_scatter_kernel[launch_grid(k * th * blocks)](
             tiles, org, win, num, den, c, th, tw, fr, h, w, *tiles.stride(),
-            th * tw if win.dim() == 3 else 0, BLOCK=block, num_warps=4,
+            th * tw if win.dim() == 3 else 0, blocks, k * th * blocks, BLOCK=block, num_warps=4,
         )
     # Pixels nothing covered have num == 0, so dividing by a tiny weight leaves them at 0.
     return num.div_(den.clamp_min_(torch.finfo(torch.float32).tiny))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
 
 _INV255 = 1.0 / 255.0
 
@@ -23,46 +23,50 @@ if HAVE_TRITON:
         H, W, H2, W2,
         s_n, s_h, s_w, s_c,  # strides of src
         d_n, d_c, d_h, d_w,  # strides of dst (NCHW or channels_last)
+        BLOCKS, TOTAL,  # BLOCK-sized pieces per output row; units of work N * H2 * BLOCKS
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)  # n * H2 + y
-        n = row // H2
-        y = row % H2
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # x * 3 + c along the output row
-        mask = j < W2 * 3
-        x = j // 3
-        c = j % 3
-        # Edge padding: rows/columns past the frame repeat the last one.
-        sy = tl.minimum(y, H - 1).to(tl.int64)
-        sx = tl.minimum(x, W - 1).to(tl.int64)
-        v = tl.load(src_ptr + n.to(tl.int64) * s_n + sy * s_h + sx * s_w + c * s_c, mask=mask, other=0)
-        v = (v.to(tl.float32) * 2.0 - 255.0) * 0.00392156862745098  # 1 / 255
-        dst = n.to(tl.int64) * d_n + c.to(tl.int64) * d_c + y.to(tl.int64) * d_h + x.to(tl.int64) * d_w
-        tl.store(dst_ptr + dst, v.to(dst_ptr.dtype.element_ty), mask=mask)
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            row = pid // BLOCKS  # n * H2 + y
+            n = row // H2
+            y = row % H2
+            j = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)  # x * 3 + c along the output row
+            mask = j < W2 * 3
+            x = j // 3
+            c = j % 3
+            # Edge padding: rows/columns past the frame repeat the last one.
+            sy = tl.minimum(y, H - 1).to(tl.int64)
+            sx = tl.minimum(x, W - 1).to(tl.int64)
+            v = tl.load(src_ptr + n.to(tl.int64) * s_n + sy * s_h + sx * s_w + c * s_c, mask=mask, other=0)
+            v = (v.to(tl.float32) * 2.0 - 255.0) * 0.00392156862745098  # 1 / 255
+            dst = n.to(tl.int64) * d_n + c.to(tl.int64) * d_c + y.to(tl.int64) * d_h + x.to(tl.int64) * d_w
+            tl.store(dst_ptr + dst, v.to(dst_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _to_frames_kernel(
         src_ptr, dst_ptr,  # src: (N, 3, H, W) float; dst: (N, HO, WO, 3) uint8 contiguous
         HO, WO,
         s_n, s_c, s_h, s_w,
+        BLOCKS, TOTAL,  # BLOCK-sized pieces per output row; units of work N * HO * BLOCKS
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)  # n * HO + y
-        n = row // HO
-        y = row % HO
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = j < WO * 3
-        x = j // 3
-        c = j % 3
-        src = n.to(tl.int64) * s_n + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
-        v = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
-        v = (tl.minimum(tl.maximum(v, -1.0), 1.0) + 1.0) * 127.5
-        # Round half to even, from an exact split (v < 2**23, so v - floor(v) is exact).
-        f = tl.floor(v)
-        frac = v - f
-        odd = (f.to(tl.int32) % 2) == 1
-        r = f + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
-        tl.store(dst_ptr + row.to(tl.int64) * WO * 3 + j, r.to(tl.uint8), mask=mask)
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            row = pid // BLOCKS  # n * HO + y
+            n = row // HO
+            y = row % HO
+            j = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+            mask = j < WO * 3
+            x = j // 3
+            c = j % 3
+            src = n.to(tl.int64) * s_n + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+            v = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
+            v = (tl.minimum(tl.maximum(v, -1.0), 1.0) + 1.0) * 127.5
+            # Round half to even, from an exact split (v < 2**23, so v - floor(v) is exact).
+            f = tl.floor(v)
+            frac = v - f
+            odd = (f.to(tl.int32) % 2) == 1
+            r = f + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+            tl.store(dst_ptr + row.to(tl.int64) * WO * 3 + j, r.to(tl.uint8), mask=mask)
 
 
 def _block(n: int) -> int:
@@ -106,9 +110,11 @@ def _input_triton(frames, h2, w2, dtype, fmt):
     n, h, w, _ = frames.shape
     out = torch.empty((n, 3, h2, w2), device=frames.device, dtype=dtype, memory_format=fmt)
     block = _block(w2 * 3)
+    blocks = triton.cdiv(w2 * 3, block)
     if out.numel():
-        _to_input_kernel[(n * h2, triton.cdiv(w2 * 3, block))](
-            frames, out, h, w, h2, w2, *frames.stride(), *out.stride(), BLOCK=block, num_warps=4
+        _to_input_kernel[launch_grid(n * h2 * blocks)](
+            frames, out, h, w, h2, w2, *frames.stride(), *out.stride(), blocks, n * h2 * blocks,
+            BLOCK=block, num_warps=4,
         )
     return out
 
@@ -143,8 +149,9 @@ def _frames_triton(x, height, width):
     n = x.shape[0]
     out = torch.empty((n, height, width, 3), device=x.device, dtype=torch.uint8)
     block = _block(width * 3)
+    blocks = triton.cdiv(width * 3, block)
     if out.numel():
-        _to_frames_kernel[(n * height, triton.cdiv(width * 3, block))](
-            x, out, height, width, *x.stride(), BLOCK=block, num_warps=4
+        _to_frames_kernel[launch_grid(n * height * blocks)](
+            x, out, height, width, *x.stride(), blocks, n * height * blocks, BLOCK=block, num_warps=4
         )
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
 
 _ACTS = {None: 0, "silu": 1, "relu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,78 +29,81 @@ if HAVE_TRITON:
         x_ptr, count_ptr, mean_ptr, m2_ptr,  # x: (N, C, H, W); outputs: (N * G, SPLITS) fp32
         G, CPG, HW,  # groups, channels per group, pixels per channel
         stride_n, stride_c, stride_p,  # element strides of x (p = h * W + w)
-        group_numel, chunk, SPLITS,  # elements per group, elements per program (multiple of BLOCK)
+        group_numel, chunk, SPLITS,  # elements per group, elements per unit (multiple of BLOCK)
+        TOTAL,  # units of work: N * G * SPLITS, one (row, split) each; see launch_grid
         PIX_MAJOR: tl.constexpr,  # channels_last: walk pixel-major so reads are contiguous runs
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)  # n * G + g
-        split = tl.program_id(1)
-        n = row // G
-        g = row % G
-        base = x_ptr + n.to(tl.int64) * stride_n + (g * CPG).to(tl.int64) * stride_c
-        start = split * chunk
-        end = tl.minimum(start + chunk, group_numel)
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for off in range(start, end, BLOCK):
-            e = off + tl.arange(0, BLOCK)
-            mask = e < end
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            row = pid // SPLITS  # n * G + g
+            split = pid % SPLITS
+            n = row // G
+            g = row % G
+            base = x_ptr + n.to(tl.int64) * stride_n + (g * CPG).to(tl.int64) * stride_c
+            start = split * chunk
+            end = tl.minimum(start + chunk, group_numel)
+            cnt = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for off in range(start, end, BLOCK):
+                e = off + tl.arange(0, BLOCK)
+                mask = e < end
+                if PIX_MAJOR:
+                    p = e // CPG
+                    c = e % CPG
+                else:
+                    c = e // HW
+                    p = e % HW
+                ptrs = base + c.to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
+                v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                # Two-pass statistics of the block in registers, then Chan's merge into the running
+                # ones: one read of the data, no E[x^2] - E[x]^2 cancellation.
+                b_cnt = tl.sum(mask.to(tl.float32), axis=0)
+                b_mean = tl.sum(v, axis=0) / b_cnt
+                d = tl.where(mask, v - b_mean, 0.0)
+                b_m2 = tl.sum(d * d, axis=0)
+                tot = cnt + b_cnt
+                delta = b_mean - mean
+                mean = mean + delta * (b_cnt / tot)
+                m2 = m2 + b_m2 + delta * delta * (cnt * (b_cnt / tot))
+                cnt = tot
+            tl.store(count_ptr + pid, cnt)  # (row, split) row-major: pid itself
+            tl.store(mean_ptr + pid, mean)
+            tl.store(m2_ptr + pid, m2)
+
+    @triton.jit
+    def _gn_apply_kernel(
+        x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,  # y has x's strides; mean/rstd: (N * G,)
+        G, CPG, HW, stride_n, stride_c, stride_p, group_numel,
+        BLOCKS, TOTAL,  # BLOCK-sized pieces per group; units of work N * G * BLOCKS (launch_grid)
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        ACT: tl.constexpr,  # 0 none, 1 silu, 2 relu
+        PIX_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            row = pid // BLOCKS
+            n = row // G
+            g = row % G
+            e = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+            mask = e < group_numel
             if PIX_MAJOR:
                 p = e // CPG
                 c = e % CPG
             else:
                 c = e // HW
                 p = e % HW
-            ptrs = base + c.to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
-            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            # Two-pass statistics of the block in registers, then Chan's merge into the running
-            # ones: one read of the data, no E[x^2] - E[x]^2 cancellation.
-            b_cnt = tl.sum(mask.to(tl.float32), axis=0)
-            b_mean = tl.sum(v, axis=0) / b_cnt
-            d = tl.where(mask, v - b_mean, 0.0)
-            b_m2 = tl.sum(d * d, axis=0)
-            tot = cnt + b_cnt
-            delta = b_mean - mean
-            mean = mean + delta * (b_cnt / tot)
-            m2 = m2 + b_m2 + delta * delta * (cnt * (b_cnt / tot))
-            cnt = tot
-        out = row * SPLITS + split
-        tl.store(count_ptr + out, cnt)
-        tl.store(mean_ptr + out, mean)
-        tl.store(m2_ptr + out, m2)
-
-    @triton.jit
-    def _gn_apply_kernel(
-        x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,  # y has x's strides; mean/rstd: (N * G,)
-        G, CPG, HW, stride_n, stride_c, stride_p, group_numel,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-        ACT: tl.constexpr,  # 0 none, 1 silu, 2 relu
-        PIX_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        row = tl.program_id(0)
-        n = row // G
-        g = row % G
-        e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = e < group_numel
-        if PIX_MAJOR:
-            p = e // CPG
-            c = e % CPG
-        else:
-            c = e // HW
-            p = e % HW
-        offs = n.to(tl.int64) * stride_n + (g * CPG + c).to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (v - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
-        if HAS_W:
-            y = y * tl.load(w_ptr + g * CPG + c, mask=mask, other=1.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(b_ptr + g * CPG + c, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:
-            y = y * tl.sigmoid(y)
-        elif ACT == 2:
-            y = tl.maximum(y, 0.0)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            offs = n.to(tl.int64) * stride_n + (g * CPG + c).to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (v - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+            if HAS_W:
+                y = y * tl.load(w_ptr + g * CPG + c, mask=mask, other=1.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(b_ptr + g * CPG + c, mask=mask, other=0.0).to(tl.float32)
+            if ACT == 1:
+                y = y * tl.sigmoid(y)
+            elif ACT == 2:
+                y = tl.maximum(y, 0.0)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- checks, layout
@@ -140,8 +143,32 @@ def _geometry(x: torch.Tensor, num_groups: int, fmt):
     n, c, h, w = x.shape
     cpg, hw = c // num_groups, h * w
     numel = cpg * hw
-    block = min(1024, triton.next_power_of_2(max(numel, 16)))
-    return n, cpg, hw, numel, block, fmt == torch.channels_last and cpg > 1
+    return n, cpg, hw, numel, _block(numel), fmt == torch.channels_last and cpg > 1
+
+
+def _block(group_numel: int) -> int:
+    return min(1024, 1 << (max(group_numel, 16) - 1).bit_length())  # next power of two, 16..1024
+
+
+def stats_work(shape, num_groups: int) -> tuple[int, int, int]:
+    """(splits per group, elements per split, units of work) of the statistics kernel for x of
+    ``shape`` (N, C, H, W): long groups are split so a 32-group frame still fills the GPU."""
+    n, c, h, w = shape
+    numel, rows = c // num_groups * h * w, n * num_groups
+    block = _block(numel)
+    blocks = -(-numel // block)
+    splits = min(blocks, max(1, -(-1024 // rows)))
+    chunk = -(-blocks // splits) * block
+    splits = -(-numel // chunk)
+    return splits, chunk, rows * splits
+
+
+def apply_work(shape, num_groups: int) -> tuple[int, int]:
+    """(BLOCK-sized pieces per group, units of work) of the apply kernel for x of ``shape``."""
+    n, c, h, w = shape
+    numel = c // num_groups * h * w
+    blocks = -(-numel // _block(numel))
+    return blocks, n * num_groups * blocks
 
 
 def _activate(y: torch.Tensor, act) -> torch.Tensor:
@@ -168,15 +195,11 @@ def _stats_triton(x: torch.Tensor, num_groups: int):
     x, fmt = _layout(x)
     n, cpg, hw, numel, block, pix_major = _geometry(x, num_groups, fmt)
     rows = n * num_groups
-    # Split long groups over several programs so a 32-group frame still fills the GPU.
-    blocks = triton.cdiv(numel, block)
-    splits = min(blocks, max(1, triton.cdiv(1024, rows)))
-    chunk = triton.cdiv(blocks, splits) * block
-    splits = triton.cdiv(numel, chunk)
+    splits, chunk, total = stats_work(x.shape, num_groups)
     parts = torch.empty((3, rows, splits), device=x.device, dtype=torch.float32)
-    _gn_stats_kernel[(rows, splits)](
+    _gn_stats_kernel[launch_grid(total)](
         x, parts[0], parts[1], parts[2], num_groups, cpg, hw,
-        x.stride(0), x.stride(1), x.stride(3), numel, chunk, splits,
+        x.stride(0), x.stride(1), x.stride(3), numel, chunk, splits, total,
         PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
     )
     count, mean, m2 = _merge(parts[0], parts[1], parts[2], dim=1)
@@ -199,8 +222,10 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, reference: bool = False):
     x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last.
     Returns ``(count, mean, m2)``, each (N, G) float32: elements per group, their mean and the
     sum of squared deviations from that mean. Combine tiles with :func:`merge_group_stats`.
+    A call that needs gradients runs the (differentiable) reference.
     """
     _check(x, num_groups)
+    reference = reference or _needs_grad(x)
     return run_kernel("group_norm_stats", (x,), reference, lambda: _stats_triton(x, num_groups),
                       lambda: _stats_reference(x, num_groups))
 
@@ -228,11 +253,12 @@ def _apply_triton(x, mean, rstd, num_groups, weight, bias, act):
     assert y.stride() == x.stride()
     mean = mean.to(device=x.device, dtype=torch.float32).contiguous()
     rstd = rstd.to(device=x.device, dtype=torch.float32).contiguous()
-    _gn_apply_kernel[(n * num_groups, triton.cdiv(numel, block))](
+    blocks, total = apply_work(x.shape, num_groups)
+    _gn_apply_kernel[launch_grid(total)](
         x, y, mean, rstd,
         weight if weight is not None else mean,  # dummy pointers, never read
         bias if bias is not None else mean,
-        num_groups, cpg, hw, x.stride(0), x.stride(1), x.stride(3), numel,
+        num_groups, cpg, hw, x.stride(0), x.stride(1), x.stride(3), numel, blocks, total,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACTS[act],
         PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
     )
@@ -257,9 +283,11 @@ def group_norm_apply(x, mean, rstd, num_groups, weight=None, bias=None, act=None
     x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last.
     mean, rstd: (N, G) float32, rstd = 1 / sqrt(m2 / count + eps).
     weight, bias: (C,) or None. act: None, "silu" or "relu".
-    Returns a tensor of x's shape, dtype and memory format.
+    Returns a tensor of x's shape, dtype and memory format. A call that needs gradients runs the
+    (differentiable) reference: the Triton kernel has no backward.
     """
     _check(x, num_groups, act, weight, bias)
+    reference = reference or _needs_grad(x, mean, rstd, weight, bias)
     expected = (x.shape[0], num_groups)
     if tuple(mean.shape) != expected or tuple(rstd.shape) != expected:
         raise ValueError(f"mean and rstd must be {expected}, got {tuple(mean.shape)}, {tuple(rstd.shape)}")
@@ -281,10 +309,17 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, refere
 
     x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last; statistics in float32.
     weight, bias: (C,) or None. act: None, "silu" or "relu", applied after the affine.
-    Returns a tensor of x's shape, dtype and memory format.
+    Returns a tensor of x's shape, dtype and memory format. Differentiable on every path (the
+    Triton path through an autograd function whose backward is torch code).
     """
     _check(x, num_groups, act, weight, bias)
-    return run_kernel("group_norm", (x,), reference, lambda: _triton(x, num_groups, weight, bias, eps, act),
+
+    def triton_call():
+        if _needs_grad(x, weight, bias):
+            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, act)
+        return _triton(x, num_groups, weight, bias, eps, act)
+
+    return run_kernel("group_norm", (x,), reference, triton_call,
                       lambda: _reference(x, num_groups, weight, bias, eps, act))
 
 
@@ -292,3 +327,53 @@ def _triton(x, num_groups, weight, bias, eps, act):
     count, mean, m2 = _stats_triton(x, num_groups)
     rstd = torch.rsqrt(m2 / count + eps)
     return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """:func:`group_norm` for autograd: the Triton forward, a torch backward from its statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, act):
+        count, mean, m2 = _stats_triton(x, num_groups)
+        rstd = torch.rsqrt(m2 / count + eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.act = num_groups, act
+        return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        return (*_backward(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act), None, None, None)
+
+
+def _backward(grad, x, weight, bias, mean, rstd, num_groups, act):
+    """Gradients of y = act(xhat * weight + bias), xhat = (x - mean) * rstd per group, with respect
+    to x, weight and bias (None for an absent affine), in fp32; mean, rstd: (N, G) fp32."""
+    n, c, h, w = x.shape
+    _, fmt = _layout(x)
+    per_group = (n, num_groups, -1)
+    xhat = (x.float().reshape(per_group) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    xhat = xhat.reshape(n, c, h, w)
+    g = grad.float()
+    if act is not None:
+        z = xhat
+        if weight is not None:
+            z = z * weight.float().view(1, c, 1, 1)
+        if bias is not None:
+            z = z + bias.float().view(1, c, 1, 1)
+        if act == "silu":
+            s = torch.sigmoid(z)
+            g = g * (s * (1 + z * (1 - s)))
+        else:  # relu
+            g = g * (z > 0)
+    d_weight = (g * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None else None
+    d_bias = g.sum((0, 2, 3)).to(bias.dtype) if bias is not None else None
+    g_xhat = (g * weight.float().view(1, c, 1, 1) if weight is not None else g).reshape(per_group)
+    xhat = xhat.reshape(per_group)
+    d_x = rstd.unsqueeze(-1) * (g_xhat - g_xhat.mean(-1, keepdim=True)
+                                - xhat * (g_xhat * xhat).mean(-1, keepdim=True))
+    return d_x.reshape(n, c, h, w).to(x.dtype).contiguous(memory_format=fmt), d_weight, d_bias

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
 
 if HAVE_TRITON:
     import triton
@@ -19,27 +19,28 @@ if HAVE_TRITON:
     def _tile_change_kernel(
         a_ptr, b_ptr,  # (K, M) contiguous, uint8 or float
         max_ptr, sum_ptr,  # (K, SPLITS) float32 partials
-        M, chunk, SPLITS,  # elements per tile, elements per program (multiple of BLOCK)
+        M, chunk, SPLITS,  # elements per tile, elements per unit of work (multiple of BLOCK)
+        TOTAL,  # units of work: K * SPLITS, one (tile, split) each; see launch_grid
         BLOCK: tl.constexpr,
     ):
-        k = tl.program_id(0)
-        split = tl.program_id(1)
-        base = k.to(tl.int64) * M
-        start = split * chunk
-        end = tl.minimum(start + chunk, M)
-        acc_max = tl.zeros((BLOCK,), dtype=tl.float32)
-        acc_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-        for off in range(start, end, BLOCK):
-            e = off + tl.arange(0, BLOCK)
-            mask = e < end
-            a = tl.load(a_ptr + base + e, mask=mask, other=0).to(tl.float32)
-            b = tl.load(b_ptr + base + e, mask=mask, other=0).to(tl.float32)
-            d = tl.abs(a - b)  # masked lanes are 0 - 0
-            acc_max = tl.maximum(acc_max, d)
-            acc_sum += d
-        out = k * SPLITS + split
-        tl.store(max_ptr + out, tl.max(acc_max, axis=0))
-        tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0))
+        for pid in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+            k = pid // SPLITS
+            split = pid % SPLITS
+            base = k.to(tl.int64) * M
+            start = split * chunk
+            end = tl.minimum(start + chunk, M)
+            acc_max = tl.zeros((BLOCK,), dtype=tl.float32)
+            acc_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+            for off in range(start, end, BLOCK):
+                e = off + tl.arange(0, BLOCK)
+                mask = e < end
+                a = tl.load(a_ptr + base + e, mask=mask, other=0).to(tl.float32)
+                b = tl.load(b_ptr + base + e, mask=mask, other=0).to(tl.float32)
+                d = tl.abs(a - b)  # masked lanes are 0 - 0
+                acc_max = tl.maximum(acc_max, d)
+                acc_sum += d
+            tl.store(max_ptr + pid, tl.max(acc_max, axis=0))  # (tile, split) row-major: pid itself
+            tl.store(sum_ptr + pid, tl.sum(acc_sum, axis=0))
 
 
 def _reference(a: torch.Tensor, b: torch.Tensor):
@@ -75,5 +76,6 @@ def _triton(a, b):
     chunk = triton.cdiv(blocks, splits) * block
     splits = triton.cdiv(m, chunk)
     parts = torch.empty((2, k, splits), device=a.device, dtype=torch.float32)
-    _tile_change_kernel[(k, splits)](a, b, parts[0], parts[1], m, chunk, splits, BLOCK=block, num_warps=4)
+    _tile_change_kernel[launch_grid(k * splits)](a, b, parts[0], parts[1], m, chunk, splits, k * splits,
+                                                 BLOCK=block, num_warps=4)
     return parts[0].amax(dim=1), parts[1].sum(dim=1) / m

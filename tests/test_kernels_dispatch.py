@@ -128,3 +128,62 @@ def test_other_errors_are_not_swallowed(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         dispatch.run_kernel("k", (torch.zeros(1),), False, lambda: 1 / 0, lambda: 0)
     assert "k" not in kernels.unusable_kernels()
+
+
+class GridSpy:
+    """Wraps a Triton kernel object, recording the grid of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+def test_every_launcher_loops_within_a_capped_grid(monkeypatch):
+    """With the grid capped at 2 programs every kernel loops over its units of work (the path that
+    keeps any frame size within CUDA's grid limits) and still matches its reference."""
+    spies = {}
+    for module, names in LAUNCHERS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            spies[name] = GridSpy(getattr(mod, name))
+            monkeypatch.setattr(mod, name, spies[name])
+    monkeypatch.setattr(dispatch, "MAX_PROGRAMS", 2)
+    monkeypatch.setattr(dispatch, "_unusable", {})
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    frames = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8, generator=g)
+    tiles = torch.rand(3, 2, 4, 5, generator=g)
+    origins = torch.tensor([[0, 0, 0], [0, 1, 2], [1, 0, 1]])
+    window = torch.rand(4, 5, generator=g) + 0.1
+    calls = [
+        lambda ref: kernels.group_norm(x, 3, act="silu", reference=ref),
+        lambda ref: kernels.frames_to_input(frames, size=(6, 9), reference=ref),
+        lambda ref: kernels.output_to_frames(x[:, :3], reference=ref),
+        lambda ref: kernels.tile_change(tiles, tiles.flip(0), reference=ref),
+        lambda ref: kernels.blend_tiles(tiles, origins, window, (2, 2, 6, 8), reference=ref),
+    ]
+    for call in calls:
+        for got, want in zip(*(v if isinstance(v, tuple) else (v,) for v in (call(False), call(True)))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, spy in spies.items():
+        assert spy.grids and all(grid == (2,) for grid in spy.grids), (name, spy.grids)
+    assert not kernels.unusable_kernels()
+
+
+def test_a_launch_the_driver_refuses_falls_back(monkeypatch):
+    """A grid over the device's limits fails at launch with Triton's RuntimeError text."""
+    monkeypatch.setattr(dispatch, "_unusable", {})
+
+    def refused():
+        raise RuntimeError("Triton Error [CUDA]: invalid argument")
+
+    with pytest.warns(RuntimeWarning, match="invalid argument"):
+        assert dispatch.run_kernel("k2", (torch.zeros(1),), False, refused, lambda: "reference") == "reference"
+    assert "k2" in kernels.unusable_kernels()
+    with pytest.raises(RuntimeError, match="out of memory"):  # other runtime errors propagate
+        dispatch.run_kernel("k3", (torch.zeros(1),), False,
+                            lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")), lambda: 0)
+    assert "k3" not in kernels.unusable_kernels()

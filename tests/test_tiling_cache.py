@@ -53,18 +53,18 @@ def test_blend_of_a_constant_is_seamless_and_of_tiles_is_exact():
 def test_impossible_tiling_settings(kwargs, match):
     model = build("taesd", width=8)
     with pytest.raises(ValueError, match=match):
-        plan_tiles(model, 256, 256, 1 << 30, torch.float32, **kwargs)
+        plan_tiles(model, 256, 256, 1 << 30, torch.float32, decode=False, **kwargs)
 
 
 def test_budget_too_small_for_one_tile():
     with pytest.raises(ValueError, match="too small"):
-        plan_tiles(build("taesd", width=8), 2160, 3840, 1000, torch.float32)
+        plan_tiles(build("taesd", width=8), 2160, 3840, 1000, torch.float32, decode=True)
 
 
 def test_budget_picks_whole_frames_or_tiles():
     model = build("taesd")
-    assert plan_tiles(model, 256, 256, 1 << 30, torch.float32).tile is None
-    plan = plan_tiles(model, 2160, 3840, 512 << 20, torch.float32)
+    assert plan_tiles(model, 256, 256, 1 << 30, torch.float32, decode=False).tile is None
+    plan = plan_tiles(model, 2160, 3840, 512 << 20, torch.float32, decode=True)
     assert plan.tile is not None and plan.tile < 3840 and plan.overlap < plan.tile
 
 

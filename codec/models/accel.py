@@ -15,8 +15,8 @@ the fp16 -> fp32 fallback (the finiteness check runs outside any graph, on the r
 - ``cuda_graphs=True`` (CUDA only): one CUDA graph per input signature (shape, dtype, stride of
   each tensor argument, the other arguments, and whether the torch kernel references are forced),
   for the fixed tile shapes the codec feeds. Calls that cannot be replayed run eagerly: inputs not
-  on CUDA, a ``torch.Generator`` argument, gradients enabled, an active GroupNorm ``stats_hook``
-  (tiling's global normalization), or a capture already in progress.
+  on CUDA, a ``torch.Generator`` argument, gradients enabled, an active frame normalizer
+  (tiling's global normalization, ``layers.frame_normalizer``), or a capture already in progress.
 
 A deep copy of an accelerated model (``_fp32_twin`` makes one for the fallback) gets the plain
 passes, never the original's graphs or compiled code. Undo with :func:`deaccelerate`; call it
@@ -34,7 +34,7 @@ import torch
 
 import kernels
 
-from .layers import GroupNormAct
+from .layers import frame_normalizer_active
 
 RAW_PASSES = ("_encode_raw", "_decode_raw")
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -230,16 +230,15 @@ def accelerate(model: torch.nn.Module, compile: bool = False, cuda_graphs: bool 
                    compile_kwargs=dict(compile_kwargs or {}))
     if not compile and not graphs:
         return model
-    norms = [m for m in model.modules() if isinstance(m, GroupNormAct)]
 
-    def no_stats_hooks() -> bool:  # global normalization swaps the GroupNorms' behavior per call
-        return all(m.stats_hook is None for m in norms)
+    def no_frame_normalizer() -> bool:  # global normalization supplies statistics per call
+        return not frame_normalizer_active()
 
     for name in RAW_PASSES:
         fn: Callable = getattr(type(model), name).__get__(model)
         if compile:
             fn = torch.compile(fn, **options["compile_kwargs"])
         if graphs:
-            fn = CudaGraphRunner(fn, eligible=no_stats_hooks, max_graphs=max_graphs)
+            fn = CudaGraphRunner(fn, eligible=no_frame_normalizer, max_graphs=max_graphs)
         model.__dict__[name] = Accelerated(model, name, fn, options)
     return model

@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import KLConfig, ModelConfig, TinyConfig
 from .kl import KLNetwork
+from .layers import Normalizer, frame_normalizer
 from .tiny import tiny_decoder, tiny_encoder
 
 
@@ -23,6 +24,9 @@ class Autoencoder(nn.Module):
     On half precision a batch whose result is not finite (SDXL's VAE overflows in fp16) is
     recomputed in fp32 and returned in fp32; the first time this warns, and ``fp32_fallbacks``
     counts such batches (reported by the pipeline).
+
+    ``norm``: a frame normalizer (``codec.global_norm.GlobalNorm.measure`` or ``.replay``) that
+    supplies the statistics of every GroupNorm layer for this call only (see ``layers``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -70,33 +74,39 @@ class Autoencoder(nn.Module):
 
     # ---- public -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               *, norm: Normalizer | None = None) -> torch.Tensor:
         self._check_input(x, 3, "x")
-        z = self._with_fallback(lambda m, t: m._encode_raw(t, sample, generator), x)
+        z = self._with_fallback(lambda m, t: m._encode_raw(t, sample, generator), x, norm)
         return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, *, norm: Normalizer | None = None) -> torch.Tensor:
         self._check_input(z, self.latent_channels, "z")
         z = z / self.scaling_factor + self.shift_factor
-        return self._with_fallback(lambda m, t: m._decode_raw(t), z)
+        return self._with_fallback(lambda m, t: m._decode_raw(t), z, norm)
 
     def _check_input(self, t: torch.Tensor, channels: int, what: str) -> None:
         if t.ndim != 4 or t.shape[1] != channels:
             raise ValueError(f"{self.name}: expected {what} shaped (N,{channels},H,W), got {tuple(t.shape)}")
 
-    def _with_fallback(self, fn, t: torch.Tensor) -> torch.Tensor:
-        out = fn(self, t.to(self.dtype))
+    def _with_fallback(self, fn, t: torch.Tensor, norm: Normalizer | None) -> torch.Tensor:
+        with frame_normalizer(norm, self):
+            out = fn(self, t.to(self.dtype))
         if self.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
             if self.fp32_fallbacks == 0:
                 warnings.warn(f"{self.name}: non-finite values in {self.dtype}; recomputing in float32 "
                               "(expected for the SDXL VAE in fp16)", RuntimeWarning, stacklevel=3)
             self.fp32_fallbacks += 1
-            out = fn(self._fp32_twin(), t.float())  # kept in fp32: it may not fit fp16
+            twin = self._fp32_twin()
+            # The twin's layers have the model's names, so a normalizer's statistics carry over.
+            with frame_normalizer(norm, twin):
+                out = fn(twin, t.float())  # kept in fp32: it may not fit fp16
         return out
 
     def _fp32_twin(self) -> Autoencoder:
-        # Kept outside the module tree so it is neither saved nor moved with the model.
+        # Kept outside the module tree so it is neither saved nor moved with the model. A plain
+        # deep copy: a frame normalizer is passed per call, never stored on the layers.
         twin = self.__dict__.get("_twin")
         if twin is None:
             twin = copy.deepcopy(self).float()

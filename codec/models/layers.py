@@ -2,27 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 import kernels
 
+# A frame normalizer replaces the per-call GroupNorm statistics of every GroupNormAct under one
+# model for the duration of a call: ``normalizer(name, layer, x) -> normalized x``, where ``name``
+# is the layer's qualified name in that model (stable across copies of the model, unlike its id).
+# A ContextVar, not an attribute on the layers: nothing is written onto the model, a deep copy
+# carries nothing, and threads running other models are unaffected.
+Normalizer = Callable[[str, "GroupNormAct", torch.Tensor], torch.Tensor]
+_ACTIVE: contextvars.ContextVar[tuple[Normalizer, dict[int, str]] | None] = contextvars.ContextVar(
+    "codec_frame_normalizer", default=None)
+
+
+@contextlib.contextmanager
+def frame_normalizer(normalizer: Normalizer | None, model: nn.Module):
+    """Within the block, the GroupNormAct layers of ``model`` normalize through ``normalizer``
+    (None: their own statistics, as outside the block)."""
+    if normalizer is None:
+        yield
+        return
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, GroupNormAct)}
+    token = _ACTIVE.set((normalizer, names))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def frame_normalizer_active() -> bool:
+    """True inside :func:`frame_normalizer` (a call that must not be replayed from a CUDA graph)."""
+    return _ACTIVE.get() is not None
+
 
 class GroupNormAct(nn.GroupNorm):
     """GroupNorm with an optional fused activation ("silu", "relu"), run through ``kernels``.
 
-    ``stats_hook``, when set (by tiling's global normalization), replaces the per-call statistics:
-    ``hook(module, x) -> normalized x``.
+    Inside :func:`frame_normalizer` the active normalizer supplies the statistics instead.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, act: str | None = "silu"):
         super().__init__(num_groups, num_channels, eps=eps)
         self.act = act
-        self.stats_hook = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stats_hook is not None:
-            return self.stats_hook(self, x)
+        active = _ACTIVE.get()
+        if active is not None and id(self) in active[1]:
+            return active[0](active[1][id(self)], self, x)
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
 
 
