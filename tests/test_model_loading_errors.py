@@ -41,7 +41,7 @@ def test_text_encoder_refused(tmp_path):
 
 
 def test_missing_keys_refused(tmp_path):
-    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).net.state_dict()
+    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).state_dict()
     state.pop("decoder.conv_out.weight")
     p = tmp_path / "vae.safetensors"
     save_file(state, p)
@@ -49,7 +49,7 @@ def test_missing_keys_refused(tmp_path):
 
 
 def test_extra_keys_refused(tmp_path):
-    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).net.state_dict()
+    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).state_dict()
     state["decoder.surprise.weight"] = torch.zeros(1)
     p = tmp_path / "vae.safetensors"
     save_file(state, p)
@@ -57,7 +57,7 @@ def test_extra_keys_refused(tmp_path):
 
 
 def test_shape_mismatch_refused(tmp_path):
-    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).net.state_dict()
+    state = build("sd15", block_out_channels=(32, 32), norm_num_groups=8).state_dict()
     state["decoder.mid_block.resnets.0.conv1.bias"] = torch.zeros(7)
     p = tmp_path / "vae.safetensors"
     save_file(state, p)

@@ -156,7 +156,7 @@ def test_decoder_only_keeps_encoder(data_dir, tmp_path, cfg):
     trained = load_model(trainer.cfg.out)
     changed = 0
     for k, v in before.state_dict().items():
-        is_encoder = not k.startswith(("decoder.", "net.decoder.", "net.post_quant_conv."))
+        is_encoder = not k.startswith(("decoder.", "post_quant_conv."))
         for model in (trainer.model, trainer.ema):
             if is_encoder:
                 assert torch.equal(v, model.state_dict()[k]), k
