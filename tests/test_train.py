@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from codec.cli import main as codec_main
 from codec.models import build, load_model, save_model
 from codec.models.config import KLConfig, TinyConfig
 from codec.train import TrainConfig, Trainer
@@ -142,6 +143,23 @@ def test_resume_is_exact(data_dir, tmp_path):
     for mine, theirs in ((a.model, b.model), (a.ema, b.ema), (a.disc, b.disc)):
         sa, sb = mine.state_dict(), theirs.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_from_damaged_checkpoints_is_one_line(data_dir, tmp_path, capsys):
+    cfg = _cfg(data_dir, tmp_path, steps=1)
+    good = torch.load(Trainer(cfg).save_checkpoint(tmp_path / "good.ckpt"), weights_only=True)
+    cases = {"config": None, "model_config": None, "model": None}  # each entry left out
+    cases = [({k: v for k, v in good.items() if k != drop}, f"no {drop}") for drop in cases]
+    cases += [(good | {"config": "[1]"}, "config: expected a JSON object"),
+              (good | {"config": '{"data": ["x"]}'}, "needs data and out"),
+              (good | {"model_config": '{"family": "tiny", "width": "wide"}'}, "width: expected a positive integer"),
+              (good | {"step": "3"}, "step is a str")]
+    for i, (ckpt, needle) in enumerate(cases):
+        path = tmp_path / f"bad{i}.ckpt"
+        torch.save(ckpt, path)
+        code = codec_main(["train", str(data_dir), "--out", str(tmp_path / "r.safetensors"), "--resume", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and str(path) in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("cfg", [TinyConfig(name="t", latent_channels=4, width=8),

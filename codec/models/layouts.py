@@ -108,8 +108,9 @@ def kl_shape_config(state: dict[str, torch.Tensor]) -> dict:
     chans = [s[0] for s in enc] if enc and all(enc) else [s[0] for s in reversed(dec)] if dec and all(dec) else None
     if chans:  # the decoder's blocks are stored in reverse order
         out["block_out_channels"] = tuple(int(c) for c in chans)
-    layers = sum(1 for k in state if re.match(r"encoder\.down_blocks\.0\.resnets\.\d+\.conv1\.weight$", k))
-    if layers:
+    # The encoder's blocks hold layers_per_block ResNets, the decoder's one more.
+    layers = _count(state, "encoder.down_blocks.0.resnets") or _count(state, "decoder.up_blocks.0.resnets") - 1
+    if layers > 0:
         out["layers_per_block"] = layers
     if shape("decoder.conv_in.weight"):
         out["latent_channels"] = int(shape("decoder.conv_in.weight")[1])
