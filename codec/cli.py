@@ -37,7 +37,9 @@ def _memory(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
     p.add_argument("--model", default=default,
                    help="preset name, checkpoint file or folder (default: %(default)s)")
-    p.add_argument("--preset", default=None, help="latent convention when shapes cannot tell (sd3/flux1, sdxl)")
+    p.add_argument("--preset", default=None,
+                   help="latent convention (scaling, shift) of a checkpoint whose config.json and file name "
+                        "do not tell (a KL single file; e.g. sd15, sdxl, sd3, flux1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model passes")

@@ -313,7 +313,8 @@ def check_compatible(metadata: Mapping[str, str], latent_channels: int, family: 
         if not abs(recorded - value) <= 1e-6 * max(abs(recorded), abs(value)) + 1e-12:
             diffs.append(f"{key.removesuffix('_factor')} {metadata[key]} vs {value:g}")
     if diffs and not force:
-        made = f"family {made_family}, scaling {metadata.get('scaling_factor', '?')}, shift {metadata.get('shift_factor', '?')}"
+        made = (f"family {made_family}, scaling {metadata.get('scaling_factor', '?')}, "
+                f"shift {metadata.get('shift_factor', '?')}")
         want = f"family {family}" + (f", scaling {scaling_factor:g}" if scaling_factor is not None else "") + (
             f", shift {shift_factor:g}" if shift_factor is not None else "")
         raise ValueError(f"latents were made by {made_by} ({channels} channels, {made}); model {model_id} has "

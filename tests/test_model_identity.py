@@ -209,7 +209,10 @@ def test_preset_and_default_identity(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert load_model("taesd").model_id == "taesd"
-    assert load_model("default").model_id == "default"
+    (tmp_path / "default").mkdir()  # "default" is reserved for the built-in model, whatever the folder
+    monkeypatch.chdir(tmp_path)
+    default = load_model("default")
+    assert default.model_id == "default" and default.source.endswith("default.safetensors")
     clip = write_clip(tmp_path / "clip.mp4", moving_square_frames(2, 16, 16))
     lat = tmp_path / "c.safetensors"
     assert main(["encode", str(clip), "-o", str(lat), "--model", "taesd", "--quiet"]) == 0

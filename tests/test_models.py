@@ -73,6 +73,23 @@ def test_kl_matches_diffusers_small(latent, quant):
     check_kl_equivalence(ref, ours_like(ref))
 
 
+def test_one_layout_keys_are_the_checkpoint_names(tmp_path):
+    """KL modules sit on Autoencoder itself: its state dict and save_model's file use diffusers'
+    names for KL and TAESD's for tiny, with no prefix anywhere."""
+    from safetensors import safe_open
+
+    from codec.models import save_model
+
+    ref = diffusers_kl()
+    model = ours_like(ref)
+    assert not hasattr(model, "net") and set(model.state_dict()) == set(ref.state_dict())
+    with safe_open(str(save_model(model, tmp_path / "kl.safetensors")), "pt") as f:
+        assert set(f.keys()) == set(ref.state_dict())
+    tiny = build("taesd", width=8)
+    assert {k.split(".")[0] for k in tiny.state_dict()} == {"encoder", "decoder"}
+    assert "encoder.0.weight" in tiny.state_dict() and "decoder.1.weight" in tiny.state_dict()
+
+
 def test_kl_matches_diffusers_sd_widths():
     ref = diffusers_kl(channels=(128, 256, 512, 512), groups=32, layers=2, seed=3)
     check_kl_equivalence(ref, ours_like(ref), size=48, n=1)

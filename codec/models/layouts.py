@@ -103,7 +103,8 @@ def kl_shape_config(state: dict[str, torch.Tensor]) -> dict:
         return tuple(t.shape) if t is not None and t.ndim >= 2 else None
 
     out: dict = {}
-    enc = [shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight") for i in range(_count(state, "encoder.down_blocks"))]
+    enc = [shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")
+           for i in range(_count(state, "encoder.down_blocks"))]
     dec = [shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight") for i in range(_count(state, "decoder.up_blocks"))]
     chans = [s[0] for s in enc] if enc and all(enc) else [s[0] for s in reversed(dec)] if dec and all(dec) else None
     if chans:  # the decoder's blocks are stored in reverse order

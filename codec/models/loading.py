@@ -83,19 +83,19 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     source = str(source)
     model = _load_cpu(source, preset_name)
     path = Path(source).expanduser()
-    model.model_id = str(path.resolve()) if path.exists() else source  # the precedence of _load_cpu
+    model.model_id = str(path.resolve()) if path.exists() and source != DEFAULT_MODEL else source  # as _load_cpu
     return model.to(device=device, dtype=dtype).eval()
 
 
 def _load_cpu(source: str, preset_name: str | None) -> Autoencoder:
-    path = Path(source).expanduser()
-    if path.exists():
-        return _load_path(path, preset_name)
-    if source == DEFAULT_MODEL:
+    if source == DEFAULT_MODEL:  # reserved: a file or folder called "default" is ./default
         if DEFAULT_FILE.is_file():
             return _load_path(DEFAULT_FILE, None)
         raise ValueError("the built-in default model is not installed in this copy of codec; "
                          "pass --model PATH to a VAE checkpoint (e.g. a taesd/taef2 *_encoder.pth)")
+    path = Path(source).expanduser()
+    if path.exists():
+        return _load_path(path, preset_name)
     if source in PRESETS:
         if source in HUB_IDS:
             repo, sub = HUB_IDS[source]
