@@ -187,14 +187,14 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         model = recorded_model(meta, src, device, dtype)
     else:
         model = _model(model, device, dtype)
-        if meta.get("model_sha256") not in (None, weights_digest(model)):
-            warnings.warn(f"{src}: decoding with other weights than those that encoded it ({meta.get('model_id')}); "
-                          "expected for a fine-tuned decoder", RuntimeWarning, stacklevel=2)
     forced = check_compatible(meta, model.latent_channels, model.family, model.model_id or model.name,
                               model.scaling_factor, model.shift_factor, force=force_convention)
     if forced:
         warnings.warn(f"{src}: --force-convention: decoding with the model's latent convention although the "
                       f"file's differs ({'; '.join(forced)})", RuntimeWarning, stacklevel=2)
+    if meta.get("model_sha256") not in (None, weights_digest(model)):
+        warnings.warn(f"{src}: decoding with other weights than those that encoded it ({meta.get('model_id')}); "
+                      "expected for a fine-tuned decoder", RuntimeWarning, stacklevel=2)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
     if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from codec.cli import main as codec_main
-from codec.models import build, load_model, save_model
+from codec.models import build, load_model, save_model, weights_digest
 from codec.models.config import KLConfig, TinyConfig
 from codec.train import TrainConfig, Trainer
 from codec.train.__main__ import main as train_main
@@ -171,6 +171,8 @@ def test_decoder_only_keeps_encoder(data_dir, tmp_path, cfg):
     before = load_model(init)
     trainer = Trainer(_cfg(data_dir, tmp_path, decoder_only=True, init=str(init), steps=3, lr=1e-3))
     trainer.run()
+    # The trained weights are not the loaded ones: no stale identity or hash goes with them.
+    assert trainer.ema.model_id is None and weights_digest(trainer.ema) != before.weights_sha256
     trained = load_model(trainer.cfg.out)
     changed = 0
     for k, v in before.state_dict().items():

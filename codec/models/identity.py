@@ -20,7 +20,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{key}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+        h.update(t.numpy().astype("<f4", copy=False).data)  # the buffer itself: no copy
     return h.hexdigest()
 
 

@@ -167,6 +167,8 @@ class Trainer:
                                  f"({str(e).splitlines()[0][:200]})") from None
         elif cfg.init:
             model = load_model(cfg.init)
+            # Training changes the weights: the loaded identity and hash no longer name them.
+            model.model_id = model.weights_sha256 = None
         else:
             arch = TinyConfig(name=f"tiny-c{cfg.latent_channels}-w{cfg.width}" +
                               ("-shuffle" if cfg.resample == "shuffle" else ""),
