@@ -99,10 +99,10 @@ def recorded_model(meta: dict[str, str], src, device, dtype) -> Autoencoder:
     if not digest or not model_id or model_id == IN_MEMORY:
         why = "a model that was not loaded from weights" if model_id == IN_MEMORY else "no model identity"
         raise ValueError(f"{src}: the file records {why} (model {model_id}); pass --model")
-    convention = {"scaling_factor": meta.get("scaling_factor"), "shift_factor": meta.get("shift_factor")}
     # A convention that came from a preset (a single-file KL named with --preset) needs it again.
-    preset_name = name if name in PRESETS and convention == {
-        k: str(getattr(PRESETS[name], k)) for k in convention} else None
+    preset_name = name if name in PRESETS and all(
+        meta.get(k) is not None and float(meta[k]) == getattr(PRESETS[name], k)
+        for k in ("scaling_factor", "shift_factor")) else None
     try:
         model = accelerate(load_model(model_id, device=device, dtype=dtype, preset_name=preset_name))
     except ValueError as e:

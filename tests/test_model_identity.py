@@ -136,6 +136,21 @@ def test_identity_round_trip_from_another_folder(tmp_path, monkeypatch, make):
     np.testing.assert_array_equal(frames_of(b / "recorded.mp4"), frames_of(b / "explicit.mp4"))
 
 
+def test_single_file_named_with_preset_reloads_with_it(tmp_path, monkeypatch):
+    weights = kl_single_file(tmp_path / "a" / "my-vae.safetensors", latent=16)
+    clip = write_clip(tmp_path / "clip.mp4", moving_square_frames(2, 16, 16))
+    lat = tmp_path / "c.safetensors"
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["encode", str(clip), "-o", str(lat), "--model", "my-vae.safetensors", "--preset", "flux1",
+                 "--quiet"]) == 0
+    with LatentReader(lat) as r:
+        meta = r.metadata
+    assert (meta["model_id"], meta["model_name"]) == (str(weights.resolve()), "flux1")
+    assert (meta["scaling_factor"], meta["shift_factor"]) == ("0.3611", "0.1159")
+    monkeypatch.chdir(tmp_path)
+    assert decode(lat, tmp_path / "o.mp4") == 0
+
+
 def test_recorded_folder_keeps_its_scaling_and_groups(tmp_path):
     """A 4-channel folder: its weights file alone would load as sd15 (scaling 0.18215, 32 groups);
     the record is the folder, so the decode uses the folder's scaling, shift and groups."""
