@@ -154,7 +154,7 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module | None:
             norm_num_groups=cfg.norm_num_groups, use_quant_conv=cfg.use_quant_conv,
             use_post_quant_conv=cfg.use_post_quant_conv, mid_block_add_attention=cfg.mid_block_add_attention,
             scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor)
-        ref.load_state_dict(model.net.state_dict(), strict=True)
+        ref.load_state_dict(model.state_dict(), strict=True)
         return ref.eval()
     if cfg.midblock_groupnorm or not has_diffusers_twin(model):  # TAEF2's pool branches, pixel shuffle
         return None

@@ -171,7 +171,7 @@ def diffusers_twin(model: Autoencoder, dtype: torch.dtype):
             norm_num_groups=cfg.norm_num_groups, use_quant_conv=cfg.use_quant_conv,
             use_post_quant_conv=cfg.use_post_quant_conv, mid_block_add_attention=cfg.mid_block_add_attention,
             scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor, force_upcast=cfg.force_upcast)
-        net.load_state_dict(model.net.state_dict(), strict=True)
+        net.load_state_dict(model.state_dict(), strict=True)
         note += "; encode takes latent_dist.mode()"
         if cfg.force_upcast and dtype == torch.float16:
             dtype = torch.float32

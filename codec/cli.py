@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, default=None)
     add_video_out_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check (default: verify)")
+    p.add_argument("--force-convention", action="store_true",
+                   help="decode with --model's latent convention (family, scaling, shift) even where it differs "
+                        "from the one recorded in the file (default: refuse)")
     add_coder_args(p)
 
     p = sub.add_parser("roundtrip", help="encode + decode, with PSNR/SSIM per frame")
@@ -178,7 +181,8 @@ def run(args) -> int:
     elif args.command == "decode":
         r = pipeline.decode_video(args.input, args.output, model, device=device, dtype=dtype, options=options,
                                   crf=args.crf, preset=args.x264_preset, lossless=args.lossless,
-                                  verify=not args.no_verify, batch=args.batch or 4, quiet=args.quiet)
+                                  verify=not args.no_verify, batch=args.batch or 4, quiet=args.quiet,
+                                  force_convention=args.force_convention)
         _print_run("decode", r)
     elif args.command == "roundtrip":
         enc, dec = pipeline.roundtrip_video(args.input, args.output, model, device=device, dtype=dtype,

@@ -467,11 +467,37 @@ class LatentReader:
 
 
 def check_compatible(metadata: Mapping[str, str], latent_channels: int, family: str,
-                     model_id: str = "the chosen model") -> None:
+                     model_id: str = "the chosen model", scaling_factor: float | None = None,
+                     shift_factor: float | None = None, force: bool = False) -> list[str]:
     """Raise ValueError unless latents described by ``metadata`` fit a model with
-    ``latent_channels`` channels of ``family`` (e.g. "kl" or "tiny")."""
+    ``latent_channels`` channels of ``family`` (e.g. "kl" or "tiny") and the latent convention
+    ``scaling_factor``/``shift_factor`` (compared when given and recorded).
+
+    The channel count must match. A different family, scaling or shift is refused with both
+    conventions in the message, unless ``force`` (the user's --force-convention): then the
+    differences are returned, for the caller to warn about (the model's convention is used).
+    """
     made_by = metadata.get("model_id", "an unknown model")
     channels, made_family = metadata.get("latent_channels", "?"), metadata.get("family", "?")
-    if channels != str(latent_channels) or made_family != family:
+    if channels != str(latent_channels):
         raise ValueError(f"latents were made by {made_by} ({channels} channels, family {made_family}); "
                          f"model {model_id} expects {latent_channels} channels, family {family}")
+    diffs = [f"family {made_family} vs {family}"] if made_family != family else []
+    for key, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
+        if value is None or key not in metadata:
+            continue
+        try:
+            recorded = float(metadata[key])
+        except ValueError:
+            raise ValueError(f"metadata {key}: expected a number, got {metadata[key]!r}") from None
+        if not abs(recorded - value) <= 1e-6 * max(abs(recorded), abs(value)) + 1e-12:
+            diffs.append(f"{key.removesuffix('_factor')} {metadata[key]} vs {value:g}")
+    if diffs and not force:
+        made = (f"family {made_family}, scaling {metadata.get('scaling_factor', '?')}, "
+                f"shift {metadata.get('shift_factor', '?')}")
+        want = f"family {family}" + (f", scaling {scaling_factor:g}" if scaling_factor is not None else "") + (
+            f", shift {shift_factor:g}" if shift_factor is not None else "")
+        raise ValueError(f"latents were made by {made_by} ({channels} channels, {made}); model {model_id} has "
+                         f"{want}: its decode would misread them; pass --force-convention to decode with the "
+                         "model's convention anyway")
+    return diffs

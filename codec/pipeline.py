@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import __version__
 from .cache import CacheStats
 from .coder import CoderOptions, FrameDecoder, FrameEncoder
 from .latents import LatentReader, LatentWriter, check_compatible
-from .models import Autoencoder, load_model
+from .models import PRESETS, Autoencoder, load_model, weights_digest
 from .models.accel import accelerate
 from .outputs import PLOT_SUFFIXES, check_output, model_files
 from .quality import psnr, ssim
@@ -84,6 +85,40 @@ def _model(model: Autoencoder | str | os.PathLike, device, dtype) -> Autoencoder
     return accelerate(load_model(model, device=device, dtype=dtype))  # channels_last etc. on CUDA
 
 
+IN_MEMORY = "in-memory"  # model_id of a model that was not loaded from weights (nothing reloads it)
+
+
+def model_identity(model: Autoencoder) -> dict[str, str]:
+    """Latent-file metadata that names ``model`` portably: ``model_id`` (``default``, a preset,
+    a hub repo id or an absolute path: what ``load_model`` reloads from any working directory),
+    ``model_sha256`` (its weights' content hash) and ``model_name`` (its config's name)."""
+    return {"model_id": model.model_id or IN_MEMORY, "model_sha256": weights_digest(model),
+            "model_name": model.name}
+
+
+def recorded_model(meta: dict[str, str], src, device, dtype) -> Autoencoder:
+    """The model a latent file records, loaded again; refused (ValueError) when it cannot be
+    loaded or its weights are no longer the ones that encoded the file."""
+    model_id, digest, name = meta.get("model_id"), meta.get("model_sha256"), meta.get("model_name")
+    if not digest or not model_id or model_id == IN_MEMORY:
+        why = "a model that was not loaded from weights" if model_id == IN_MEMORY else "no model identity"
+        raise ValueError(f"{src}: the file records {why} (model {model_id}); pass --model")
+    # A convention that came from a preset (a single-file KL named with --preset) needs it again.
+    preset_name = name if name in PRESETS and all(
+        meta.get(k) is not None and float(meta[k]) == getattr(PRESETS[name], k)
+        for k in ("scaling_factor", "shift_factor")) else None
+    try:
+        model = accelerate(load_model(model_id, device=device, dtype=dtype, preset_name=preset_name))
+    except ValueError as e:
+        raise ValueError(f"{src}: the model recorded in the file ({model_id}) could not be loaded; "
+                         f"pass --model ({e})") from None
+    if weights_digest(model) != digest:
+        raise ValueError(f"{src}: the model recorded in the file ({model_id}) has other weights now "
+                         f"(sha256 {weights_digest(model)[:16]}, the file's {digest[:16]}); "
+                         "pass --model to decode with another model")
+    return model
+
+
 def _check_output(dst, src=None, model=None, suffixes=None) -> Path:
     """``dst`` as a Path if it may be written: not ``src``, not a file of ``model``, a regular
     file path in an existing folder (``codec.outputs.check_output``)."""
@@ -111,7 +146,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     encoder = FrameEncoder(model, info.height, info.width, options)
     f = model.downscale
     meta = {
-        "model_id": model.name, "model_source": model.source, "family": model.family,
+        **model_identity(model), "family": model.family,
         "scaling_factor": model.scaling_factor, "shift_factor": model.shift_factor,
         "fps": Fraction(info.fps) / stride, "time_base": info.time_base,
         "source_width": info.width, "source_height": info.height,
@@ -150,25 +185,29 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
 def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoencoder | str | None = None, *,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, options: CoderOptions | None = None,
                  crf: int = 18, preset: str = "medium", lossless: bool = False, batch: int = 8,
-                 verify: bool = True, quiet: bool = True) -> RunReport:
+                 verify: bool = True, quiet: bool = True, force_convention: bool = False) -> RunReport:
     """Decode the latent file ``src`` to the video ``dst`` (H.264). ``model`` None: the model
-    recorded in the file. Refuses a model whose family or latent channels differ."""
+    recorded in the file (``recorded_model``). Refuses a model whose latent channels differ, and
+    one whose family, scaling or shift differ unless ``force_convention`` (then it warns and
+    decodes with the model's convention)."""
     dst = _check_output(dst, src, model, VideoWriter.SUFFIXES)
     reader = LatentReader(src, batch=batch)
     meta = reader.metadata
     if verify:
         reader.verify()
     if model is None:
-        model = meta.get("model_source") or meta["model_id"]
-        try:
-            model = _model(model, device, dtype)
-        except ValueError as e:
-            raise ValueError(f"{src}: the model recorded in the file ({meta['model_id']}) could not be "
-                             f"loaded; pass --model ({e})") from None
+        model = recorded_model(meta, src, device, dtype)
     else:
         model = _model(model, device, dtype)
     _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
-    check_compatible(meta, model.latent_channels, model.family, model.name)
+    forced = check_compatible(meta, model.latent_channels, model.family, model.model_id or model.name,
+                              model.scaling_factor, model.shift_factor, force=force_convention)
+    if forced:
+        warnings.warn(f"{src}: --force-convention: decoding with the model's latent convention although the "
+                      f"file's differs ({'; '.join(forced)})", RuntimeWarning, stacklevel=2)
+    if meta.get("model_sha256") not in (None, weights_digest(model)):
+        warnings.warn(f"{src}: decoding with other weights than those that encoded it ({meta.get('model_id')}); "
+                      "expected for a fine-tuned decoder", RuntimeWarning, stacklevel=2)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
     if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:

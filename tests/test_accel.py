@@ -68,8 +68,8 @@ def test_sample_path_and_generator_still_work():
 def test_deepcopy_and_fp32_fallback_use_plain_passes():
     plain = small_kl()
     with torch.no_grad():  # conv_in overflows fp16 (not fp32) on a constant input
-        plain.net.encoder.conv_in.weight.fill_(100.0)
-        plain.net.encoder.conv_in.bias.fill_(6.5e4)
+        plain.encoder.conv_in.weight.fill_(100.0)
+        plain.encoder.conv_in.bias.fill_(6.5e4)
     plain = plain.half()
     model = accelerate(copy.deepcopy(plain), compile=True, compile_kwargs=EAGER)
     twin = copy.deepcopy(model)

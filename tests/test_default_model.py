@@ -48,7 +48,7 @@ def test_main_job_without_model_argument(tmp_path):
     lat, out = tmp_path / "clip.safetensors", tmp_path / "back.mp4"
     assert main(["encode", str(clip), "-o", str(lat), "--quiet"]) == 0
     with LatentReader(lat) as r:
-        assert r.shape == (6, 16, 6, 8) and r.metadata["model_source"] == str(DEFAULT_FILE)
+        assert r.shape == (6, 16, 6, 8) and r.metadata["model_id"] == "default"
     assert main(["decode", str(lat), "-o", str(out), "--quiet"]) == 0
     assert probe_video(out).num_frames == 6
     with FrameReader(out, batch=8) as a, FrameReader(clip, batch=8) as b:

@@ -26,7 +26,7 @@ def test_kl_with_kernels_matches_diffusers():
                                   latent_channels=4).eval()
     model = build("sd15", block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                   scaling_factor=ref.config.scaling_factor)
-    model.net.load_state_dict(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
     x = torch.rand(1, 3, 16, 24) * 2 - 1
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mode() * ref.config.scaling_factor

@@ -48,7 +48,7 @@ def ours_like(ref) -> torch.nn.Module:
                   layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
                   use_quant_conv=c.use_quant_conv, use_post_quant_conv=c.use_post_quant_conv,
                   scaling_factor=c.scaling_factor, shift_factor=c.shift_factor)
-    model.net.load_state_dict(ref.state_dict(), strict=True)
+    model.load_state_dict(ref.state_dict(), strict=True)
     return model
 
 
@@ -71,6 +71,23 @@ def check_kl_equivalence(ref, model, size=32, n=2):
 def test_kl_matches_diffusers_small(latent, quant):
     ref = diffusers_kl(latent=latent, quant=quant)
     check_kl_equivalence(ref, ours_like(ref))
+
+
+def test_one_layout_keys_are_the_checkpoint_names(tmp_path):
+    """KL modules sit on Autoencoder itself: its state dict and save_model's file use diffusers'
+    names for KL and TAESD's for tiny, with no prefix anywhere."""
+    from safetensors import safe_open
+
+    from codec.models import save_model
+
+    ref = diffusers_kl()
+    model = ours_like(ref)
+    assert not hasattr(model, "net") and set(model.state_dict()) == set(ref.state_dict())
+    with safe_open(str(save_model(model, tmp_path / "kl.safetensors")), "pt") as f:
+        assert set(f.keys()) == set(ref.state_dict())
+    tiny = build("taesd", width=8)
+    assert {k.split(".")[0] for k in tiny.state_dict()} == {"encoder", "decoder"}
+    assert "encoder.0.weight" in tiny.state_dict() and "decoder.1.weight" in tiny.state_dict()
 
 
 def test_kl_matches_diffusers_sd_widths():
@@ -102,12 +119,48 @@ def test_tiny_matches_diffusers():
 
 # ---- loading layouts ---------------------------------------------------------------------
 
-def test_load_diffusers_folder(tmp_path):
+def test_load_diffusers_folder_config_decides(tmp_path):
+    """A 16-channel folder with no name hint loads with its config.json's scaling and shift."""
     ref = diffusers_kl(latent=16, quant=False)
     ref.save_pretrained(tmp_path / "vae")
-    model = load_model(tmp_path / "vae", preset_name="sd3")
+    model = load_model(tmp_path / "vae")
     assert model.latent_channels == 16 and model.scaling_factor == 0.5 and model.shift_factor == 0.1
     check_kl_equivalence(ref, model, size=16, n=1)
+    # An explicit preset that contradicts config.json is refused, with both conventions named.
+    with pytest.raises(ValueError, match=r"preset sd3 has scaling 1\.5305 and shift 0\.0609, but the model's "
+                                         r"config says scaling 0\.5 and shift 0\.1"):
+        load_model(tmp_path / "vae", preset_name="sd3")
+
+
+def test_config_json_groups_apply_to_widths_not_divisible_by_32(tmp_path):
+    ref = diffusers_kl(channels=(24, 48), latent=4, groups=8)
+    ref.save_pretrained(tmp_path / "vae")
+    model = load_model(tmp_path / "vae")
+    assert model.config.norm_num_groups == 8 and model.config.block_out_channels == (24, 48)
+    check_kl_equivalence(ref, model, size=16, n=1)
+
+
+def test_config_json_decides_architecture_before_shapes(tmp_path):
+    """config.json's layers_per_block and attention flag are the architecture the weights must fit."""
+    ref = diffusers_kl(channels=(32, 32), latent=4, groups=8, layers=2)
+    ref.save_pretrained(tmp_path / "vae")
+    cfg = (tmp_path / "vae" / "config.json")
+    import json
+    data = json.loads(cfg.read_text())
+    data["layers_per_block"] = 1  # a config that contradicts its weights: refused, naming the keys
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unexpected keys \(e\.g\. decoder\.up_blocks\.0\.resnets\.2"):
+        load_model(tmp_path / "vae")
+
+
+def test_tiny_diffusers_folder_uses_its_config(tmp_path):
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8,) * 4,
+                                    decoder_block_out_channels=(8,) * 4, scaling_factor=0.7, shift_factor=0.2).eval()
+    ref.save_pretrained(tmp_path / "small")
+    model = load_model(tmp_path / "small")
+    assert (model.family, model.latent_channels, model.config.width) == ("tiny", 16, 8)
+    assert (model.scaling_factor, model.shift_factor, model.name) == (0.7, 0.2, "tiny-c16")
 
 
 def to_ldm(state: dict) -> dict:

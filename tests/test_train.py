@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from codec.models import build, load_model, save_model
+from codec.cli import main as codec_main
+from codec.models import build, load_model, save_model, weights_digest
 from codec.models.config import KLConfig, TinyConfig
 from codec.train import TrainConfig, Trainer
 from codec.train.__main__ import main as train_main
@@ -144,6 +145,23 @@ def test_resume_is_exact(data_dir, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_from_damaged_checkpoints_is_one_line(data_dir, tmp_path, capsys):
+    cfg = _cfg(data_dir, tmp_path, steps=1)
+    good = torch.load(Trainer(cfg).save_checkpoint(tmp_path / "good.ckpt"), weights_only=True)
+    cases = {"config": None, "model_config": None, "model": None}  # each entry left out
+    cases = [({k: v for k, v in good.items() if k != drop}, f"no {drop}") for drop in cases]
+    cases += [(good | {"config": "[1]"}, "config: expected a JSON object"),
+              (good | {"config": '{"data": ["x"]}'}, "needs data and out"),
+              (good | {"model_config": '{"family": "tiny", "width": "wide"}'}, "width: expected a positive integer"),
+              (good | {"step": "3"}, "step is a str")]
+    for i, (ckpt, needle) in enumerate(cases):
+        path = tmp_path / f"bad{i}.ckpt"
+        torch.save(ckpt, path)
+        code = codec_main(["train", str(data_dir), "--out", str(tmp_path / "r.safetensors"), "--resume", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and str(path) in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("cfg", [TinyConfig(name="t", latent_channels=4, width=8),
                                  KLConfig(name="k", latent_channels=4, block_out_channels=(8, 16),
                                           layers_per_block=1, norm_num_groups=4)], ids=["tiny", "kl"])
@@ -153,10 +171,12 @@ def test_decoder_only_keeps_encoder(data_dir, tmp_path, cfg):
     before = load_model(init)
     trainer = Trainer(_cfg(data_dir, tmp_path, decoder_only=True, init=str(init), steps=3, lr=1e-3))
     trainer.run()
+    # The trained weights are not the loaded ones: no stale identity or hash goes with them.
+    assert trainer.ema.model_id is None and weights_digest(trainer.ema) != before.weights_sha256
     trained = load_model(trainer.cfg.out)
     changed = 0
     for k, v in before.state_dict().items():
-        is_encoder = not k.startswith(("decoder.", "net.decoder.", "net.post_quant_conv."))
+        is_encoder = not k.startswith(("decoder.", "post_quant_conv."))
         for model in (trainer.model, trainer.ema):
             if is_encoder:
                 assert torch.equal(v, model.state_dict()[k]), k

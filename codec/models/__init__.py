@@ -1,8 +1,9 @@
 """Autoencoder families (KL and tiny), presets, and loading from the checkpoints users have."""
 
 from .autoencoder import Autoencoder
-from .config import PRESETS, KLConfig, TinyConfig, preset
+from .config import PRESETS, KLConfig, TinyConfig, config_from_dict, preset
+from .identity import weights_digest
 from .loading import DEFAULT_MODEL, build, config_to_json, load_model, save_model
 
 __all__ = ["Autoencoder", "PRESETS", "KLConfig", "TinyConfig", "preset", "build", "load_model",
-           "config_to_json", "DEFAULT_MODEL", "save_model"]
+           "config_to_json", "config_from_dict", "DEFAULT_MODEL", "save_model", "weights_digest"]

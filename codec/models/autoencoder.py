@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import KLConfig, ModelConfig, TinyConfig
-from .kl import KLNetwork
+from .kl import Decoder, Encoder
 from .layers import Normalizer, frame_normalizer
 from .tiny import tiny_decoder, tiny_encoder
 
@@ -32,14 +32,27 @@ class Autoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # One layout for both families: state-dict keys are the diffusers names (KL) or the
+        # TAESD names (tiny), so checkpoints load without renaming.
+        self.quant_conv = self.post_quant_conv = None
         if isinstance(cfg, KLConfig):
-            self.net = KLNetwork(cfg)
+            c = cfg.latent_channels
+            self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+            if cfg.use_quant_conv:
+                self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+            if cfg.use_post_quant_conv:
+                self.post_quant_conv = nn.Conv2d(c, c, 1)
         elif isinstance(cfg, TinyConfig):
             self.encoder, self.decoder = tiny_encoder(cfg), tiny_decoder(cfg)
         else:
             raise TypeError(f"expected a KLConfig or TinyConfig, got {type(cfg).__name__}")
         self.fp32_fallbacks = 0
-        self.source = "untrained"  # where the weights came from, set by the loader
+        # Set by the loader: where the weights came from, the portable identity that reloads them
+        # (``default``, a preset, an absolute path; None for a model not loaded from weights),
+        # and the content hash of the weights as loaded (``identity.weights_digest``).
+        self.source = "untrained"
+        self.model_id: str | None = None
+        self.weights_sha256: str | None = None
 
     # Attributes the rest of the codec reads.
     name = property(lambda self: self.config.name)
@@ -61,7 +74,11 @@ class Autoencoder(nn.Module):
     def _encode_raw(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
         if self.family == "tiny":
             return self.encoder((x + 1) / 2)
-        mean, logvar = self.net.encode_moments(x)
+        h = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = h.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
         if not sample:
             return mean
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -70,7 +87,9 @@ class Autoencoder(nn.Module):
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         if self.family == "tiny":
             return self.decoder(z) * 2 - 1
-        return self.net.decode_latents(z)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
 
     # ---- public -------------------------------------------------------------------------
     @torch.no_grad()

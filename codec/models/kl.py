@@ -141,28 +141,3 @@ class Decoder(nn.Module):
         for b in self.up_blocks:
             x = b(x)
         return self.conv_out(self.conv_norm_out(x))
-
-
-class KLNetwork(nn.Module):
-    """The raw network: ``encode_moments`` and ``decode_latents`` on unscaled latents."""
-
-    def __init__(self, cfg: KLConfig):
-        super().__init__()
-        c = cfg.latent_channels
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
-
-    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N,3,H,W) in [-1,1] -> (mean, logvar), each (N,C,H/8,W/8), logvar clamped to [-30, 20]."""
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """z (N,C,h,w) unscaled -> (N,3,8h,8w), roughly [-1,1]."""
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from .autoencoder import Autoencoder
 from .checkpoint import read_json, read_state_dict
-from .config import PRESETS, KLConfig, ModelConfig, TinyConfig, preset
+from .config import (
+    PRESETS,
+    KLConfig,
+    ModelConfig,
+    TinyConfig,
+    checked_fields,
+    config_from_dict,
+    preset,
+    presets_named_by,
+)
+from .identity import state_digest
 from .layouts import (
+    KL_SHAPE_KEYS,
     LDM_PREFIX,
+    TINY_SHAPE_KEYS,
     detect_layout,
+    diffusers_config,
     kl_shape_config,
     ldm_to_diffusers,
     strip_prefix,
@@ -58,22 +71,31 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     single-file SD checkpoint (optionally under ``first_stage_model.``), a TAESD encoder or
     decoder file (its partner is found beside it), a folder holding such a pair, a file written
     by ``codec train``, or a hub repo id present in the local cache. ``preset_name`` names the
-    latent convention where shapes cannot tell (SD3 and FLUX.1 share an architecture).
+    latent convention where neither a config nor the file name tells (SD3 and FLUX.1 share an
+    architecture; SD 1.x and SDXL too); a name hint counts only as whole tokens of the file stem
+    (or folder name) that equal a preset name or an alias (``config.PRESET_ALIASES``).
+
+    The model records ``model_id``, the portable identity that loads it again from any working
+    directory (``default``, the preset name, a hub repo id, or the absolute path), and
+    ``weights_sha256``, the content hash of its weights (``identity.state_digest``).
     Raises ValueError naming the file and what was expected for anything it cannot load exactly.
     """
-    model = _load_cpu(str(source), preset_name)
+    source = str(source)
+    model = _load_cpu(source, preset_name)
+    path = Path(source).expanduser()
+    model.model_id = str(path.resolve()) if path.exists() and source != DEFAULT_MODEL else source  # as _load_cpu
     return model.to(device=device, dtype=dtype).eval()
 
 
 def _load_cpu(source: str, preset_name: str | None) -> Autoencoder:
-    path = Path(source).expanduser()
-    if path.exists():
-        return _load_path(path, preset_name)
-    if source == DEFAULT_MODEL:
+    if source == DEFAULT_MODEL:  # reserved: a file or folder called "default" is ./default
         if DEFAULT_FILE.is_file():
             return _load_path(DEFAULT_FILE, None)
         raise ValueError("the built-in default model is not installed in this copy of codec; "
                          "pass --model PATH to a VAE checkpoint (e.g. a taesd/taef2 *_encoder.pth)")
+    path = Path(source).expanduser()
+    if path.exists():
+        return _load_path(path, preset_name)
     if source in PRESETS:
         if source in HUB_IDS:
             repo, sub = HUB_IDS[source]
@@ -109,8 +131,17 @@ def _load_path(path: Path, preset_name: str | None) -> Autoencoder:
     if path.is_dir():
         return _load_folder(path, preset_name)
     state, meta = read_state_dict(path)
-    if CONFIG_KEY in meta:
-        return _finish(_config_from_json(meta[CONFIG_KEY], path), state, path)
+    if CONFIG_KEY in meta:  # written by save_model: self-describing
+        where = f"{path}: '{CONFIG_KEY}' metadata"
+        try:
+            data = json.loads(meta[CONFIG_KEY])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        cfg = config_from_dict(data, where)
+        _fit(cfg, state, path)
+        if preset_name:  # it must agree with the file's own convention
+            cfg = _with_convention(cfg, path, path, preset_name, asdict(cfg))
+        return _finish(cfg, state, path)
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = strip_prefix(state, LDM_PREFIX)
     try:
@@ -120,13 +151,13 @@ def _load_path(path: Path, preset_name: str | None) -> Autoencoder:
     if layout in ("tiny-encoder", "tiny-decoder"):
         state = _with_partner(path, state, layout)
         layout = "tiny-pair"
-    return _from_layout(state, layout, path, preset_name)
+    return _from_layout(state, layout, path, preset_name, {}, path)
 
 
 def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
     config_file = folder / "config.json"
     if config_file.is_file():
-        cfg_json = read_json(config_file)
+        family, declared = diffusers_config(read_json(config_file), str(config_file))
         weights = next((folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if (folder / n).is_file()), None)
         if weights is None:
@@ -136,8 +167,10 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
             layout = detect_layout(state)
         except ValueError as e:
             raise ValueError(f"{weights}: {e}") from None
-        model = _from_layout(state, layout, weights, preset_name)
-        return _apply_diffusers_config(model, cfg_json)
+        if not layout.startswith(family):
+            raise ValueError(f"{folder}: config.json describes a {family} autoencoder, the weights are "
+                             f"{layout.split('-')[0]} ({layout} layout)")
+        return _from_layout(state, layout, weights, preset_name, declared, folder)
     encoders = sorted(p for p in folder.iterdir() if p.stem.endswith("_encoder")
                       and p.suffix in (".pth", ".safetensors"))
     if not encoders:
@@ -147,7 +180,11 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
 
 
 def _with_partner(path: Path, state: dict, layout: str) -> dict:
-    mine, other = ("encoder", "decoder") if layout == "tiny-encoder" else ("decoder", "encoder")
+    mine = layout.removeprefix("tiny-")
+    for role in ("encoder", "decoder"):  # the file name decides over the keys of a partial file
+        if f"_{role}" in path.stem:
+            mine = role
+    other = "decoder" if mine == "encoder" else "encoder"
     if f"_{mine}" not in path.stem:
         raise ValueError(f"{path}: a TAESD {mine} file, but its name has no '_{mine}' to find the "
                          f"{other} beside it (expected e.g. taesd_{mine}{path.suffix})")
@@ -159,94 +196,79 @@ def _with_partner(path: Path, state: dict, layout: str) -> dict:
         other_layout = detect_layout(other_state)
     except ValueError as e:
         raise ValueError(f"{partner}: {e}") from None
-    if other_layout != f"tiny-{other}":
+    if other_layout not in ("tiny-encoder", "tiny-decoder"):
         raise ValueError(f"{partner}: expected a TAESD {other}, found layout {other_layout}")
     out = {f"{mine}.{k}": v for k, v in state.items()}
     out.update({f"{other}.{k}": v for k, v in other_state.items()})
     return out
 
 
-def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None) -> Autoencoder:
+def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None, declared: dict,
+                 named: Path) -> Autoencoder:
+    """The model of a state dict in ``layout``: the fields a config declared first, then the shapes,
+    then the latent convention (``_with_convention``; ``named`` is what a name hint is read from)."""
     if layout.startswith("kl"):
         if layout == "kl-ldm":
             state = ldm_to_diffusers(state)
-        shape = kl_shape_config(state)
-        cfg = replace(_kl_preset(shape, path, preset_name), **shape)
+        cls, shape, needs = KLConfig, kl_shape_config(state), KL_SHAPE_KEYS
     else:
         if layout == "tiny-diffusers":
             state = tiny_diffusers_to_taesd(state)
         state = rename_pool_keys(state)
-        shape = tiny_shape_config(state)
-        cfg = replace(_tiny_preset(shape, path, preset_name), **shape)
-    return _finish(cfg, state, path)
-
-
-def _name_hint(path: Path, candidates: list[str]) -> str | None:
-    text = str(path).lower().replace("-", "").replace("_", "")
-    for name in sorted(candidates, key=len, reverse=True):
-        if name in text:
-            return name
-    return None
-
-
-def _kl_preset(shape: dict, path: Path, preset_name: str | None) -> KLConfig:
-    if preset_name:
-        return _checked(preset(preset_name), KLConfig, path)
-    same = [n for n, c in PRESETS.items() if isinstance(c, KLConfig)
-            and c.latent_channels == shape["latent_channels"] and c.use_quant_conv == shape["use_quant_conv"]]
-    hint = _name_hint(path, same + (["ae"] if "flux1" in same else []))
-    if hint == "ae":
-        hint = "flux1"  # FLUX.1's VAE ships as ae.safetensors
-    if hint:
-        return PRESETS[hint]
-    if shape["latent_channels"] == 4:
-        return PRESETS["sd15"]  # SD 1.x/2.x; SDXL differs only in scaling: name it with preset
-    raise ValueError(f"{path}: a {shape['latent_channels']}-channel AutoencoderKL fits presets "
-                     f"{', '.join(same) or 'none'}; say which with --preset NAME (latent scaling differs)")
-
-
-def _tiny_preset(shape: dict, path: Path, preset_name: str | None) -> TinyConfig:
-    if preset_name:
-        return _checked(preset(preset_name), TinyConfig, path)
-    same = [n for n, c in PRESETS.items()
-            if isinstance(c, TinyConfig) and c.latent_channels == shape["latent_channels"]]
-    hint = _name_hint(path, same)
-    return replace(PRESETS[hint], name=hint) if hint else TinyConfig(name=f"tiny-c{shape['latent_channels']}")
-
-
-def _checked(cfg: ModelConfig, kind: type, path: Path) -> ModelConfig:
-    if not isinstance(cfg, kind):
-        raise ValueError(f"{path}: preset {cfg.name!r} is a {cfg.family} model, the file holds another family")
-    return cfg
-
-
-def _apply_diffusers_config(model: Autoencoder, cfg: dict) -> Autoencoder:
-    """Latent conventions and group count from a diffusers config.json."""
-    updates = {}
-    if cfg.get("scaling_factor") is not None:
-        updates["scaling_factor"] = float(cfg["scaling_factor"])
-    if cfg.get("shift_factor") is not None:
-        updates["shift_factor"] = float(cfg["shift_factor"])
-    if isinstance(model.config, KLConfig) and cfg.get("norm_num_groups"):
-        updates["norm_num_groups"] = int(cfg["norm_num_groups"])
-    if updates:
-        new = Autoencoder(replace(model.config, **updates))
-        new.load_state_dict(model.state_dict())
-        new.source = model.source
-        return new
-    return model
-
-
-def _config_from_json(text: str, path: Path) -> ModelConfig:
+        cls, shape, needs = TinyConfig, tiny_shape_config(state), TINY_SHAPE_KEYS
+    family = "kl" if cls is KLConfig else "tiny"
+    fields_ = {**shape, **checked_fields(cls, declared, str(named))}
+    unknown = [f"{keys} (which tells its {name})" for name, keys in needs.items() if name not in fields_]
+    if unknown:
+        raise ValueError(f"{path}: an incomplete {family} autoencoder: missing {' and '.join(unknown)}")
     try:
-        data = json.loads(text)
-        cls = {"kl": KLConfig, "tiny": TinyConfig}[data.pop("family")]
-        names = {f.name for f in fields(cls) if f.init}
-        if "block_out_channels" in data:
-            data["block_out_channels"] = tuple(data["block_out_channels"])
-        return cls(**{k: v for k, v in data.items() if k in names})
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: bad '{CONFIG_KEY}' metadata ({e})") from None
+        arch = cls(name=f"{family}-c{fields_['latent_channels']}", **fields_)
+    except ValueError as e:
+        raise ValueError(f"{named}: {e}") from None
+    _fit(arch, state, path)  # a broken file is reported as such before any question of presets
+    return _finish(_with_convention(arch, path, named, preset_name, declared), state, path)
+
+
+def _same_convention(a: ModelConfig, b: ModelConfig | dict) -> bool:
+    get = b.get if isinstance(b, dict) else lambda k: getattr(b, k)
+    return a.scaling_factor == get("scaling_factor") and a.shift_factor == get("shift_factor")
+
+
+def _with_convention(arch: ModelConfig, path: Path, named: Path, preset_name: str | None,
+                     declared: dict) -> ModelConfig:
+    """``arch`` with its latent convention and name: an explicit preset (which must agree with
+    what a config declared), else what the config declared, else the one preset whose name the
+    file name holds (``presets_named_by``), else, for the tiny family, scaling 1 and shift 0.
+    A KL model left without a convention is refused: ask for ``--preset``."""
+    if preset_name:
+        p = preset(preset_name)
+        if p.family != arch.family or p.latent_channels != arch.latent_channels:
+            raise ValueError(f"{path}: preset {p.name!r} is a {p.latent_channels}-channel {p.family} model; "
+                             f"the file holds a {arch.latent_channels}-channel {arch.family} model")
+        if "scaling_factor" in declared and not _same_convention(p, declared):
+            raise ValueError(f"{path}: preset {p.name} has scaling {p.scaling_factor} and shift {p.shift_factor}, "
+                             f"but the model's config says scaling {declared['scaling_factor']} and shift "
+                             f"{declared['shift_factor']}; leave out --preset (the config decides) or fix the config")
+        return _as_preset(arch, p, declared)
+    fits = sorted(n for n in presets_named_by(named)
+                  if PRESETS[n].family == arch.family and PRESETS[n].latent_channels == arch.latent_channels)
+    hinted = PRESETS[fits[0]] if len(fits) == 1 else None
+    if "scaling_factor" in declared:  # the config states the convention; a name hint only names it
+        return _as_preset(arch, hinted, declared) if hinted and _same_convention(hinted, declared) else arch
+    if hinted:
+        return _as_preset(arch, hinted, declared)
+    if arch.family == "tiny":
+        return arch  # every tiny model emits scaled latents: scaling 1, shift 0
+    same = [n for n, c in PRESETS.items() if c.family == "kl" and c.latent_channels == arch.latent_channels]
+    named_as = f"its name names {' and '.join(fits)}" if fits else f"its name '{named.name}' names no preset"
+    raise ValueError(f"{path}: a {arch.latent_channels}-channel AutoencoderKL without a config, and {named_as}; "
+                     f"its latent scaling cannot be told from the weights: say which with --preset "
+                     f"({', '.join(same) or 'a preset with its channel count'})")
+
+
+def _as_preset(arch: ModelConfig, p: ModelConfig, declared: dict) -> ModelConfig:
+    extra = {"force_upcast": p.force_upcast} if isinstance(p, KLConfig) and "force_upcast" not in declared else {}
+    return replace(arch, name=p.name, scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, **extra)
 
 
 def config_to_json(cfg: ModelConfig) -> str:
@@ -254,39 +276,56 @@ def config_to_json(cfg: ModelConfig) -> str:
     return json.dumps(asdict(cfg))
 
 
-def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
-    model = Autoencoder(cfg)
-    expected = model.state_dict()
-    if isinstance(cfg, KLConfig):  # the KL network sits under .net
-        state = {f"net.{k}": v for k, v in state.items()}
+def _fit(cfg: ModelConfig, state: dict, path: Path) -> None:
+    """Raise ValueError naming ``path`` unless ``state`` has exactly the keys and shapes of a model
+    of ``cfg`` (checked on the meta device: nothing is allocated)."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Autoencoder(cfg).state_dict().items()}
+    except ValueError as e:  # e.g. GroupNorm groups that do not divide a width
+        raise ValueError(f"{path}: the weights give a {cfg.family} model that cannot be built "
+                         f"({_first_line(e)}; config {_arch_summary(cfg)})") from None
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    bad = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     if missing or extra or bad:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(_plain(missing[:3]))})")
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
         if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(_plain(extra[:3]))})")
+            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
         if bad:
             k = bad[0]
-            parts.append(f"{len(bad)} shape mismatches (e.g. {_plain([k])[0]}: file {tuple(state[k].shape)}, "
-                         f"model {tuple(expected[k].shape)})")
-        raise ValueError(f"{path}: does not fit a {cfg.family} autoencoder ({cfg.name}): " + "; ".join(parts))
+            parts.append(f"{len(bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, model {expected[k]})")
+        raise ValueError(f"{path}: does not fit a {cfg.family} autoencoder ({_arch_summary(cfg)}): " + "; ".join(parts))
+
+
+def _arch_summary(cfg: ModelConfig) -> str:
+    if isinstance(cfg, KLConfig):
+        return (f"{cfg.latent_channels} latent channels, widths {list(cfg.block_out_channels)}, "
+                f"{cfg.norm_num_groups} groups")
+    return f"{cfg.latent_channels} latent channels, width {cfg.width}"
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
+    _fit(cfg, state, path)
+    model = Autoencoder(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.source = str(path)
+    model.weights_sha256 = state_digest(model.state_dict())  # once per load; identity.weights_digest
     return model
-
-
-def _plain(keys: list[str]) -> list[str]:
-    return [k.removeprefix("net.") for k in keys]
 
 
 def save_model(model: Autoencoder, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
                metadata: dict[str, str] | None = None) -> Path:
     """Write a self-describing safetensors file that ``load_model`` reads back exactly.
 
-    Tensors are stored under the names ``load_model`` expects (diffusers names for the KL family,
+    Tensors are stored under the model's own state-dict names (diffusers names for the KL family,
     TAESD names for the tiny family), in ``dtype``; the config goes in the metadata.
     Written to a temporary name and renamed, so an interrupted save leaves no partial file.
     """
@@ -295,7 +334,7 @@ def save_model(model: Autoencoder, path: str | os.PathLike, dtype: torch.dtype =
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"{path}: the folder {path.parent} does not exist")
-    state = {k.removeprefix("net."): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {CONFIG_KEY: config_to_json(model.config), **(metadata or {})}
     tmp = path.with_name(f".{path.name}.partial")
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from codec.models import Autoencoder, KLConfig, TinyConfig, build, load_model, save_model
+from codec.models import Autoencoder, TinyConfig, build, config_from_dict, load_model, save_model
 
 from .data import FrameBank, find_sources
 from .losses import PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
@@ -96,24 +96,14 @@ class TrainConfig:
         return out.with_name(out.stem + "_loss.png")
 
 
-def model_config_from_dict(d: dict) -> KLConfig | TinyConfig:
-    d = dict(d)
-    cls = {"kl": KLConfig, "tiny": TinyConfig}[d.pop("family")]
-    if "block_out_channels" in d:
-        d["block_out_channels"] = tuple(d["block_out_channels"])
-    return cls(**{f.name: d[f.name] for f in fields(cls) if f.init and f.name in d})
-
-
 def decoder_modules(model: Autoencoder) -> list[torch.nn.Module]:
     """The modules ``_decode_raw`` runs (what --decoder-only trains)."""
-    if model.family == "tiny":
-        return [model.decoder]
-    return [m for m in (model.net.decoder, model.net.post_quant_conv) if m is not None]
+    return [m for m in (model.post_quant_conv, model.decoder) if m is not None]
 
 
 def last_decoder_weight(model: Autoencoder) -> torch.Tensor:
     """Weight of the layer that produces RGB (for the adaptive GAN weight)."""
-    return model.decoder[-1].weight if model.family == "tiny" else model.net.decoder.conv_out.weight
+    return model.decoder[-1].weight if model.family == "tiny" else model.decoder.conv_out.weight
 
 
 class Trainer:
@@ -121,7 +111,7 @@ class Trainer:
         ckpt = None
         if resume is not None:
             ckpt = _read_checkpoint(resume)
-            saved = TrainConfig(**json.loads(ckpt["config"]))
+            saved = ckpt["config"]
             # The checkpoint decides the math; the command line may change length, device, paths.
             cfg = replace(saved, steps=cfg.steps, out=cfg.out, device=cfg.device, threads=cfg.threads,
                           checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
@@ -137,7 +127,7 @@ class Trainer:
         self.bank = FrameBank(self.files, cfg.crop, cfg.frames_per_clip, cfg.color_aug)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-        self.model = self._build_model(ckpt).to(self.device)
+        self.model = self._build_model(ckpt, resume).to(self.device)
         if cfg.decoder_only:
             self.model.requires_grad_(False)
             for m in decoder_modules(self.model):
@@ -166,13 +156,19 @@ class Trainer:
             self._load_state(ckpt)
 
     # ---- setup ---------------------------------------------------------------------------
-    def _build_model(self, ckpt: dict | None) -> Autoencoder:
+    def _build_model(self, ckpt: dict | None, resume: str | os.PathLike | None) -> Autoencoder:
         cfg = self.cfg
         if ckpt is not None:
-            model = Autoencoder(model_config_from_dict(json.loads(ckpt["model_config"])))
-            model.load_state_dict(ckpt["model"])
+            model = Autoencoder(ckpt["model_config"])
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as e:
+                raise ValueError(f"{resume}: its model weights do not fit its model_config "
+                                 f"({str(e).splitlines()[0][:200]})") from None
         elif cfg.init:
             model = load_model(cfg.init)
+            # Training changes the weights: the loaded identity and hash no longer name them.
+            model.model_id = model.weights_sha256 = None
         else:
             arch = TinyConfig(name=f"tiny-c{cfg.latent_channels}-w{cfg.width}" +
                               ("-shuffle" if cfg.resample == "shuffle" else ""),
@@ -191,7 +187,7 @@ class Trainer:
             self.disc.load_state_dict(ckpt["disc"])
             self.disc_opt.load_state_dict(ckpt["disc_opt"])
         self.step_count, self.wall = int(ckpt["step"]), float(ckpt["wall"])
-        self.history = {k: list(v) for k, v in json.loads(ckpt["history"]).items()}
+        self.history = {k: list(v) for k, v in ckpt["history"].items()}
         torch.set_rng_state(ckpt["rng_torch"])
         self.data_gen.set_state(ckpt["rng_data"])
         if self.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
@@ -356,7 +352,15 @@ class Trainer:
         return plot_history(self.history, self.cfg.plot_path)
 
 
+# What a checkpoint must hold, and of which type (``save_checkpoint`` writes it).
+_CKPT_ENTRIES = {"step": int, "wall": (int, float), "config": str, "files": list, "model_config": str,
+                 "model": dict, "ema": dict, "opt": dict, "history": str, "rng_torch": torch.Tensor,
+                 "rng_data": torch.Tensor}
+
+
 def _read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at ``path``, validated, with ``config`` parsed to a TrainConfig and
+    ``model_config`` to a model config. Raises ValueError naming the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint")
@@ -366,4 +370,35 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path}: not a codec training checkpoint (expected format {CKPT_FORMAT})")
+    missing = [k for k in _CKPT_ENTRIES if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: an incomplete training checkpoint: no {', '.join(missing)}")
+    wrong = [f"{k} is a {type(ckpt[k]).__name__}" for k, t in _CKPT_ENTRIES.items() if not isinstance(ckpt[k], t)]
+    if wrong:
+        raise ValueError(f"{path}: a damaged training checkpoint: {', '.join(wrong)}")
+    ckpt["config"] = _train_config(_json_object(ckpt["config"], f"{path}: config"), f"{path}: config")
+    ckpt["model_config"] = config_from_dict(_json_object(ckpt["model_config"], f"{path}: model_config"),
+                                            f"{path}: model_config")
+    ckpt["history"] = _json_object(ckpt["history"], f"{path}: history")
     return ckpt
+
+
+def _json_object(text: str, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _train_config(data: dict, where: str) -> TrainConfig:
+    unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)})
+    if unknown or "data" not in data or "out" not in data:
+        raise ValueError(f"{where}: not a training config of this codec (needs data and out; "
+                         f"unknown fields: {', '.join(unknown) or 'none'})")
+    try:
+        return TrainConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
