@@ -363,7 +363,8 @@ def test_decode_refuses_nan_latents_and_leaves_no_video(tmp_path):
     latents = torch.randn(3, 4, 2, 2).half()
     latents[1, 0, 0, 0] = float("nan")
     path = tmp_path / "nan.safetensors"
-    with LatentWriter(path, (4, 2, 2), torch.float16, meta_for((4, 2, 2), family="tiny", model_id="taesd")) as w:
+    with LatentWriter(path, (4, 2, 2), torch.float16, meta_for((4, 2, 2), family="tiny", model_id="taesd",
+                                                                   scaling_factor=1.0, shift_factor=0.0)) as w:
         w.write(latents, [0, 1, 2])
     for verify in (True, False):
         with pytest.raises(ValueError, match="nan.safetensors: frame 1 holds NaN"):
