@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model presets")
 
     from .bench import add_parser as add_bench
+    from .dataset.cli import add_parser as add_dataset
     from .train.cli import add_parser as add_train
 
     add_bench(sub)
     add_train(sub)
+    add_dataset(sub)
     return parser
 
 
@@ -191,6 +193,10 @@ def run(args) -> int:
         from .train.cli import run as run_train
 
         return run_train(args)
+    if args.command == "dataset":
+        from .dataset.cli import run as run_dataset
+
+        return run_dataset(args)
 
     device, dtype, options = _setup(args)
     model = _load(args, device, dtype)

@@ -88,11 +88,13 @@ def _check_output(path: Path) -> None:
 def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoencoder | str = "default", *,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, options: CoderOptions | None = None,
                  start: int = 0, end: int | None = None, stride: int = 1, batch: int = 8,
-                 latent_dtype: torch.dtype = torch.float16, quiet: bool = True) -> RunReport:
+                 latent_dtype: torch.dtype = torch.float16, quiet: bool = True,
+                 metadata: dict[str, str] | None = None) -> RunReport:
     """Encode frames ``start:end:stride`` of the video ``src`` to the latent file ``dst``.
 
     The latent file is written under a temporary name and renamed when complete: an interrupted
-    or failed run leaves nothing at ``dst``.
+    or failed run leaves nothing at ``dst``. ``metadata``: extra entries recorded in the file
+    (e.g. the cache key of ``codec dataset``); they do not change the latents.
     """
     dst = Path(dst)
     _check_output(dst)
@@ -109,6 +111,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         "pad_bottom": encoder.padding[0], "pad_right": encoder.padding[1],
         "source_file": Path(src).name, "start": start, "stride": stride, "tool": f"codec {__version__}",
     }
+    meta.update(metadata or {})
     total = _frame_count(info.num_frames, start, end, stride)
     report = RunReport()
     bar = progress(total, "encode", quiet)

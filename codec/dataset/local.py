@@ -1,0 +1,60 @@
+"""The local engine: the clips one after another in this process, or spread over N worker
+processes (each loads the model once). No retries here: a worker process that dies stops the
+run, and a rerun finishes what is missing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from .sources import Clip
+from .work import ClipEncoder, EncodeSettings
+
+_encoder: ClipEncoder | None = None  # the worker process's model
+_failure: Exception | None = None  # why it could not be loaded, raised by each _encode
+
+
+def run_local(clips: list[Clip], outdir: Path, settings: EncodeSettings, workers: int,
+              on_row: Callable[[dict], None]) -> None:
+    """Encode ``clips`` into ``outdir``, calling ``on_row(row)`` here as each clip finishes."""
+    if workers <= 1:
+        encoder = ClipEncoder(outdir, settings)
+        for clip in clips:
+            on_row(encoder(clip))
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)  # the workers share the cores
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_start_worker, initargs=(outdir, settings, threads))
+    try:
+        # At most two clips queued per worker: an interruption leaves little half-started work.
+        todo, running = iter(clips), set()
+        while True:
+            while len(running) < 2 * workers and (clip := next(todo, None)) is not None:
+                running.add(pool.submit(_encode, clip))
+            if not running:
+                break
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_row(future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(outdir: Path, settings: EncodeSettings, threads: int) -> None:
+    import torch
+
+    global _encoder, _failure
+    torch.set_num_threads(threads)
+    try:
+        _encoder = ClipEncoder(outdir, settings)
+    except Exception as e:  # an initializer that raises breaks the pool and loses the message
+        _failure = e
+
+
+def _encode(clip: Clip) -> dict:
+    if _encoder is None:
+        raise _failure or RuntimeError("the worker process did not load the model")
+    return _encoder(clip)
