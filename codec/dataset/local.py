@@ -29,10 +29,10 @@ def run_local(clips: list[Clip], outdir: Path, settings: EncodeSettings, workers
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                initializer=_start_worker, initargs=(outdir, settings, threads))
     try:
-        # At most two clips queued per worker: an interruption leaves little half-started work.
+        # One clip per worker in flight: an interruption leaves little half-done work behind.
         todo, running = iter(clips), set()
         while True:
-            while len(running) < 2 * workers and (clip := next(todo, None)) is not None:
+            while len(running) < workers and (clip := next(todo, None)) is not None:
                 running.add(pool.submit(_encode, clip))
             if not running:
                 break

@@ -68,7 +68,7 @@ def run_ray(clips: list[Clip], outdir: Path, settings: EncodeSettings, workers: 
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
             out = ds.map_batches(RayClipEncoder, fn_constructor_kwargs={"outdir": str(outdir), "settings": settings},
                                  batch_size=1, batch_format="numpy",
-                                 compute=ray.data.ActorPoolStrategy(size=actors),
+                                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                                  num_gpus=1 if gpus else 0, num_cpus=1,
                                  max_restarts=RETRIES, max_task_retries=RETRIES)
         seen = set()
