@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import moving_square_frames, tiny_model_file, write_clip
@@ -23,6 +22,8 @@ from codec.dataset import EncodeSettings, find_clips, run_dataset, weights_diges
 from codec.dataset.work import KEY_FIELD, is_complete
 from codec.latents import LatentReader
 from codec.models import load_model
+
+pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install -e '.[ray]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ("a/one.mp4", "b/c/two.mp4", "three.mp4")
@@ -230,8 +231,7 @@ def test_sources_folders_and_manifests(clips, tmp_path):
     assert [c.rel for c in find_clips([inside])] == ["b/c/two.mp4", "three.mp4"]
     inside.unlink()
     table = tmp_path / "list.parquet"
-    import pyarrow as pa
-
+    pa = pytest.importorskip("pyarrow")
     pq.write_table(pa.table({"path": [str(clips / GOOD[2])]}), table)
     assert [c.path for c in find_clips([table])] == [str(clips / GOOD[2])]
     pq.write_table(pa.table({"file": ["x.mp4"]}), table)
