@@ -2,9 +2,9 @@
 
 A folder of tiny clips in subfolders plus one broken file is encoded by each engine (local in
 this process, local with 2 worker processes, Ray Data with 2 actors on a local 2-CPU cluster that
-this module starts and stops). Every good clip must be ``ok`` and bit-identical to ``codec
-encode``; the broken one ``failed`` with its message; a rerun writes nothing; a run interrupted
-after its first clip and rerun finishes only what is missing.
+this module starts and stops): a run interrupted after its first clip, then rerun, finishes only
+what is missing; every good clip is then ``ok`` and bit-identical to ``codec encode``, the broken
+one ``failed`` with its message; a further rerun writes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from codec.models import load_model
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install -e '.[ray]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = ("a/one.mp4", "b/c/two.mp4", "three.mp4")
+GOOD = ("a/one.mp4", "b/c/two.mp4", "three.mp4")  # compared with codec encode
+EXTRA = tuple(f"s{i % 2}/c{i}.mp4" for i in range(5))
 BROKEN = "b/broken.mp4"
 ENGINES = [("local", 1), ("local", 2), ("ray", 2)]
 
@@ -50,6 +51,9 @@ def clips(tmp_path_factory) -> Path:
     for i, rel in enumerate(GOOD):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         write_clip(root / rel, moving_square_frames(5 - (i == 2), 48, 64, seed=i))
+    for i, rel in enumerate(EXTRA):  # enough clips that a run stopped after one has work left
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_clip(root / rel, moving_square_frames(4, 32, 48, seed=10 + i))
     (root / BROKEN).write_bytes(b"this is not a video " * 50)
     return root
 
@@ -69,7 +73,7 @@ def reference(clips, tmp_path_factory) -> dict[str, Path]:
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     # Actors must import this checkout's codec, whatever is installed.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "CODEC_KERNELS": "reference"}})
     yield ray
@@ -104,7 +108,9 @@ def assert_same_as_encode(latents: Path, reference: Path) -> None:
 
 def assert_complete(outdir: Path, reference: dict[str, Path]) -> dict[str, dict]:
     rows = index(outdir)
-    assert set(rows) == {*GOOD, BROKEN}
+    assert set(rows) == {*GOOD, *EXTRA, BROKEN}
+    for rel in EXTRA:
+        assert rows[rel]["status"] == "ok" and is_complete(outdir / rows[rel]["latents"], rows[rel]["key"])
     for rel in GOOD:
         row = rows[rel]
         assert row["status"] == "ok" and row["error"] == "", row
@@ -122,39 +128,13 @@ def assert_complete(outdir: Path, reference: dict[str, Path]) -> dict[str, dict]
     return rows
 
 
-@pytest.mark.parametrize("engine", ENGINES, indirect=True, ids=[f"{n}{w}" for n, w in ENGINES])
-def test_dataset_encodes_all_and_rerun_writes_nothing(engine, clips, reference, tmp_path):
-    name, workers = engine
-    out = tmp_path / "out"
-    s = run_dataset([clips], out, EncodeSettings(), engine=name, workers=workers)
-    assert (s.clips, s.encoded, s.reused, s.failed, s.frames) == (4, 3, 0, 1, 14)
-    first = assert_complete(out, reference)
-    assert not any(r["reused"] for r in first.values())
-
-    before = mtimes(out)
-    s = run_dataset([clips], out, EncodeSettings(), engine=name, workers=workers)
-    assert (s.encoded, s.reused, s.failed) == (0, 3, 1)
-    assert mtimes(out) == before
-    again = assert_complete(out, reference)
-    assert all(again[rel]["reused"] and again[rel]["key"] == first[rel]["key"] for rel in GOOD)
-
-
 class Interrupt(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def many(tmp_path_factory) -> Path:
-    """Eight small clips: enough that a run stopped after its first clip has work left."""
-    root = tmp_path_factory.mktemp("many")
-    for i in range(8):
-        (root / f"s{i % 2}").mkdir(exist_ok=True)
-        write_clip(root / f"s{i % 2}" / f"c{i}.mp4", moving_square_frames(4, 32, 48, seed=10 + i))
-    return root
-
-
 @pytest.mark.parametrize("engine", ENGINES, indirect=True, ids=[f"{n}{w}" for n, w in ENGINES])
-def test_interrupted_run_then_rerun_finishes_only_what_is_missing(engine, many, tmp_path):
+def test_interrupted_run_is_completed_by_a_rerun_and_a_further_rerun_writes_nothing(engine, clips, reference,
+                                                                                     tmp_path):
     name, workers = engine
     out = tmp_path / "out"
 
@@ -162,23 +142,48 @@ def test_interrupted_run_then_rerun_finishes_only_what_is_missing(engine, many, 
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_dataset([many], out, EncodeSettings(), engine=name, workers=workers, on_row=stop_after_first)
+        run_dataset([clips], out, EncodeSettings(), engine=name, workers=workers, on_row=stop_after_first)
     assert len(index(out)) == 1  # written on the way out: the clip that finished
     done_before = mtimes(out)
-    assert 1 <= len(done_before) < 8, "the interruption came too late to test anything"
+    good = len(GOOD) + len(EXTRA)
+    assert len(done_before) < good, "the interruption came too late to test anything"
 
-    s = run_dataset([many], out, EncodeSettings(), engine=name, workers=workers)
-    assert (s.reused, s.encoded, s.failed) == (len(done_before), 8 - len(done_before), 0)
+    s = run_dataset([clips], out, EncodeSettings(), engine=name, workers=workers)
+    assert (s.clips, s.reused, s.encoded, s.failed) == (good + 1, len(done_before), good - len(done_before), 1)
     after = mtimes(out)
     assert {k: after[k] for k in done_before} == done_before  # kept, not rewritten
-    rows = index(out)
-    assert len(after) == len(rows) == 8 and all(r["status"] == "ok" for r in rows.values())
-    assert all(is_complete(out / r["latents"], r["key"]) for r in rows.values())
-    assert not list(out.rglob("*.partial"))
+    first = assert_complete(out, reference)
+    assert [r["reused"] for r in first.values()].count(True) == len(done_before)
+
+    s = run_dataset([clips], out, EncodeSettings(), engine=name, workers=workers)
+    assert (s.encoded, s.reused, s.failed, s.frames) == (0, good, 1, 0)
+    assert mtimes(out) == after
+    again = assert_complete(out, reference)
+    assert all(again[rel]["reused"] and again[rel]["key"] == first[rel]["key"] for rel in GOOD + EXTRA)
+
+
+def test_ray_retries_a_clip_whose_actor_died(ray_cluster, clips, reference, tmp_path, monkeypatch):
+    import dataset_actors
+
+    import codec.dataset.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "RayClipEncoder", dataset_actors.DiesOnce)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(clips / GOOD[0], folder / "one.mp4")
+    (folder / "one.mp4.die-once").touch()
+    s = run_dataset([folder], tmp_path / "out", EncodeSettings(), engine="ray", workers=1)
+    assert not (folder / "one.mp4.die-once").exists(), "the actor never died: nothing was tested"
+    assert (s.encoded, s.failed) == (1, 0)
+    assert_same_as_encode(tmp_path / "out" / "one.safetensors", reference[GOOD[0]])
 
 
 def test_changed_options_damaged_files_and_partials_are_redone(clips, reference, tmp_path):
-    out = tmp_path / "out"
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for rel in GOOD:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clips / rel, folder / rel)
+    clips = folder
     run_dataset([clips], out, EncodeSettings())
     one, two, three = (out / r.removesuffix(".mp4") for r in GOOD)
     one, two, three = (p.with_suffix(".safetensors") for p in (one, two, three))
@@ -218,9 +223,9 @@ def test_weights_digest_follows_the_weights(tmp_path):
 
 def test_sources_folders_and_manifests(clips, tmp_path):
     found = find_clips([clips])
-    assert [c.rel for c in found] == sorted([*GOOD, BROKEN])  # folders searched recursively
+    assert [c.rel for c in found] == sorted([*GOOD, *EXTRA, BROKEN])  # folders searched recursively
     (clips / "b" / "notes.txt").write_text("not a clip")  # ignored in folders (not a video suffix)
-    assert len(find_clips([clips])) == 4
+    assert len(find_clips([clips])) == len(found)
     (clips / "b" / "notes.txt").unlink()
     listing = tmp_path / "list.txt"
     listing.write_text(f"# clips\n{clips / GOOD[0]}\n\n{clips / GOOD[1]}\n")
@@ -248,7 +253,7 @@ def test_sources_folders_and_manifests(clips, tmp_path):
 def test_cli_dataset(clips, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["dataset", str(clips), "-o", str(out), "--end", "2", "--quiet"]) == 1  # one clip failed
-    assert "3 encoded, 0 kept, 1 failed; 6 frames" in capsys.readouterr().out
+    assert "8 encoded, 0 kept, 1 failed; 16 frames" in capsys.readouterr().out
     assert {r["shape"][0] for r in index(out).values() if r["status"] == "ok"} == {2}
     good = tmp_path / "good.txt"
     good.write_text("\n".join(str(clips / r) for r in GOOD))
