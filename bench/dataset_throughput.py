@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(clips)} clips ({', '.join(doc['clips'])}), first {args.frames} frames each; "
              f"Ray cluster start {ray_start:.1f} s (not in the runs); a rerun that keeps every clip "
              f"{rerun:.1f} s.", "",
-             "| engine | workers | seconds | clips/s | frames/s | vs local x1 |", "| --- | --- | --- | --- | --- | --- |"]
+             "| engine | workers | seconds | clips/s | frames/s | vs local x1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['engine']} | {r['workers']} | {r['seconds']:.1f} | {r['clips_per_s']:.2f} | "
               f"{r['frames_per_s']:.2f} | {r['ratio']:.2f}x |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
