@@ -35,6 +35,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench
+    from .dataset.cli import add_parser as add_dataset
     from .outputs import LATENT_SUFFIXES
     from .sample import FPS, FRAMES, HEIGHT, WIDTH
     from .train.cli import add_parser as add_train
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench(sub)
     add_train(sub)
+    add_dataset(sub)
     parser.add_argument("--debug", action="store_true", help="show tracebacks (default: off; accepted anywhere)")
     for command in sub.choices.values():  # --debug after the sub-command too; SUPPRESS keeps a leading one
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -169,6 +171,10 @@ def run(args) -> int:
         from .train.cli import run as run_train
 
         return run_train(args)
+    if args.command == "dataset":
+        from .dataset.cli import run as run_dataset
+
+        return run_dataset(args)
 
     device, dtype, options = setup(args)
     model = load(args, device, dtype)

@@ -129,14 +129,15 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
                  device: str = "cpu", dtype: torch.dtype = torch.float32, options: CoderOptions | None = None,
                  start: int = 0, end: int | None = None, stride: int = 1, batch: int = 8,
                  latent_dtype: torch.dtype = torch.float16, allow_short: bool = False,
-                 quiet: bool = True) -> RunReport:
+                 quiet: bool = True, metadata: dict[str, str] | None = None) -> RunReport:
     """Encode frames ``start:end:stride`` of the video ``src`` to the latent file ``dst``.
 
     The latent file is written under a temporary name and renamed when complete: an interrupted
     or failed run leaves nothing at ``dst``. A source that decodes short of the frame count its
     container states is an error, unless ``allow_short`` (then ``missing_frames`` of the report
     counts them; the file records the container's count as ``source_frames``). The source's
-    display rotation is recorded as ``rotation`` (degrees counter-clockwise).
+    display rotation is recorded as ``rotation`` (degrees counter-clockwise). ``metadata``: extra
+    entries recorded in the file (e.g. the cache key of ``codec dataset``); they do not change the latents.
     """
     dst = _check_output(dst, src, model)
     model = _model(model, device, dtype)
@@ -156,6 +157,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     }
     if info.num_frames is not None:
         meta["source_frames"] = info.num_frames
+    meta.update(metadata or {})
     total = _frame_count(info.num_frames, start, end, stride)
     report = RunReport()
     bar = progress(total, "encode", quiet)
