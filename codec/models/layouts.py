@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from .wan_layouts import wan_layout
+
 LDM_PREFIX = "first_stage_model."
 _LDM_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -20,12 +22,15 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    """One of 'kl-diffusers', 'kl-ldm', 'tiny-diffusers', 'tiny-encoder', 'tiny-decoder', 'tiny-pair'.
+    """One of 'kl-diffusers', 'kl-ldm', 'tiny-diffusers', 'tiny-encoder', 'tiny-decoder', 'tiny-pair',
+    'wan-diffusers', 'wan-original'.
 
     Raises ValueError (without the file name; the caller adds it) for anything else, naming what
     the keys look like when we can tell (a UNet, a text encoder).
     """
     keys = set(state)
+    if wan := wan_layout(keys):  # before KL: Wan 2.2's diffusers names share KL's block names
+        return wan
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in keys or "decoder.up_blocks.0.resnets.0.conv1.weight" in keys:
         return "kl-diffusers"
     if "encoder.down.0.block.0.conv1.weight" in keys or "decoder.up.0.block.0.conv1.weight" in keys:

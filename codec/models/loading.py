@@ -11,7 +11,7 @@ import torch
 
 from .autoencoder import Autoencoder
 from .checkpoint import read_json, read_state_dict
-from .config import PRESETS, KLConfig, ModelConfig, TinyConfig, preset
+from .config import PRESETS, KLConfig, ModelConfig, TinyConfig, WanConfig, preset
 from .layouts import (
     LDM_PREFIX,
     detect_layout,
@@ -22,6 +22,10 @@ from .layouts import (
     tiny_shape_config,
 )
 from .tiny import rename_pool_keys
+from .video_autoencoder import VideoAutoencoder
+from .wan_layouts import diffusers_config as wan_diffusers_config
+from .wan_layouts import original_to_diffusers as wan_original_to_diffusers
+from .wan_layouts import shape_config as wan_shape_config
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODEL = "default"
@@ -39,13 +43,19 @@ HUB_IDS = {
     "taesdxl": ("madebyollin/taesdxl", None),
     "taesd3": ("madebyollin/taesd3", None),
     "taef1": ("madebyollin/taef1", None),
+    "wan2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vae"),
+    "wan2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "vae"),
 }
 
 
-def build(name: str | ModelConfig, **overrides) -> Autoencoder:
+def build(name: str | ModelConfig, **overrides) -> Autoencoder | VideoAutoencoder:
     """An untrained (randomly initialised) model of a preset's architecture, for tests and benchmarks."""
-    cfg = name if isinstance(name, (KLConfig, TinyConfig)) else preset(name, **overrides)
-    return Autoencoder(cfg).eval()
+    cfg = name if isinstance(name, (KLConfig, TinyConfig, WanConfig)) else preset(name, **overrides)
+    return _new_model(cfg).eval()
+
+
+def _new_model(cfg: ModelConfig) -> Autoencoder | VideoAutoencoder:
+    return VideoAutoencoder(cfg) if isinstance(cfg, WanConfig) else Autoencoder(cfg)
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
@@ -132,6 +142,8 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
         if weights is None:
             raise ValueError(f"{folder}: has config.json but no diffusion_pytorch_model.safetensors")
         state, _ = read_state_dict(weights)
+        if cfg_json.get("_class_name") == "AutoencoderKLWan":
+            return _finish(wan_diffusers_config(cfg_json, config_file), state, weights)
         try:
             layout = detect_layout(state)
         except ValueError as e:
@@ -167,6 +179,10 @@ def _with_partner(path: Path, state: dict, layout: str) -> dict:
 
 
 def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None) -> Autoencoder:
+    if layout.startswith("wan"):
+        if layout == "wan-original":
+            state = wan_original_to_diffusers(state)
+        return _finish(wan_shape_config(state, path), state, path)
     if layout.startswith("kl"):
         if layout == "kl-ldm":
             state = ldm_to_diffusers(state)
@@ -240,10 +256,11 @@ def _apply_diffusers_config(model: Autoencoder, cfg: dict) -> Autoencoder:
 def _config_from_json(text: str, path: Path) -> ModelConfig:
     try:
         data = json.loads(text)
-        cls = {"kl": KLConfig, "tiny": TinyConfig}[data.pop("family")]
+        cls = {"kl": KLConfig, "tiny": TinyConfig, "wan": WanConfig}[data.pop("family")]
         names = {f.name for f in fields(cls) if f.init}
-        if "block_out_channels" in data:
-            data["block_out_channels"] = tuple(data["block_out_channels"])
+        for k in ("block_out_channels", "dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
+            if data.get(k) is not None:
+                data[k] = tuple(data[k])
         return cls(**{k: v for k, v in data.items() if k in names})
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: bad '{CONFIG_KEY}' metadata ({e})") from None
@@ -255,9 +272,9 @@ def config_to_json(cfg: ModelConfig) -> str:
 
 
 def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
-    model = Autoencoder(cfg)
+    model = _new_model(cfg)
     expected = model.state_dict()
-    if isinstance(cfg, KLConfig):  # the KL network sits under .net
+    if isinstance(cfg, (KLConfig, WanConfig)):  # the KL and Wan networks sit under .net
         state = {f"net.{k}": v for k, v in state.items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

@@ -65,59 +65,76 @@ class VideoAutoencoder(nn.Module):
     # ---- streams ------------------------------------------------------------------------
     def encoder_stream(self, sample: bool = False, generator: torch.Generator | None = None):
         """A callable: x (N, 3, t, H, W) in [-1, 1], the next t >= 1 frames -> normalized latents
-        (N, C, t', H/s, W/s) float32 for the latent frames completed so far (t' may be 0)."""
+        (N, C, t', H/s, W/s) float32 for the latent frames completed so far (t' may be 0).
+
+        The network always runs on the same pieces, the first frame and then each complete group
+        of ``temporal_factor`` frames (the others wait here), so however a clip is cut the result
+        is bit-identical and one call's memory does not grow with the chunk.
+        """
         state: State = {}
+        waiting: list[torch.Tensor] = []  # frames of an incomplete group
+        started = False
 
         @torch.no_grad()
         def step(x: torch.Tensor) -> torch.Tensor:
+            nonlocal started
             self._check(x, 3, "x")
-            s = self.downscale
+            s, f = self.downscale, self.temporal_factor
             if x.shape[3] % s or x.shape[4] % s:
                 raise ValueError(f"{self.name}: frame size {x.shape[4]}x{x.shape[3]} is not a multiple of {s}")
-            moments = self.net.encode_moments(x.to(self.device, self.dtype), state)
-            if moments is None:
+            waiting.append(x)
+            frames = torch.cat(waiting, dim=2)
+            pieces = []
+            if not started:
+                pieces, frames, started = [frames[:, :, :1]], frames[:, :, 1:], True
+            full = frames.shape[2] // f * f
+            pieces += [frames[:, :, i:i + f] for i in range(0, full, f)]
+            waiting[:] = [frames[:, :, full:].clone()] if frames.shape[2] > full else []
+            out = [self._encode_piece(p, state, sample, generator) for p in pieces]
+            if not out:
                 return x.new_zeros(x.shape[0], self.latent_channels, 0, x.shape[3] // s, x.shape[4] // s,
                                    dtype=torch.float32, device=self.device)
-            mean, logvar = (m.float() for m in moments)
-            z = mean
-            if sample:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                z = mean + torch.exp(0.5 * logvar) * noise
-            mu, std = self.latent_stats(z.device)
-            return (z - mu) / std
+            return torch.cat(out, dim=2)
 
         return step
 
+    def _encode_piece(self, x: torch.Tensor, state: State, sample: bool, generator) -> torch.Tensor:
+        mean, logvar = (m.float() for m in self.net.encode_moments(x.to(self.device, self.dtype), state))
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        mu, std = self.latent_stats(z.device)
+        return (z - mu) / std
+
     def decoder_stream(self):
         """A callable: z (N, C, t', h, w), the next t' >= 1 normalized latent frames -> (N, 3, t, H, W)
-        float32 in [-1, 1]: 1 frame for the clip's first latent frame, ``temporal_factor`` per later one."""
+        float32 in [-1, 1]: 1 frame for the clip's first latent frame, ``temporal_factor`` per later
+        one. The network runs one latent frame at a time (bit-identical for any cut)."""
         state: State = {}
 
         @torch.no_grad()
         def step(z: torch.Tensor) -> torch.Tensor:
             self._check(z, self.latent_channels, "z")
             mu, std = self.latent_stats(z.device)
-            z = z.float() * std + mu
-            return self.net.decode_latents(z.to(self.device, self.dtype), state).float()
+            z = (z.float() * std + mu).to(self.device, self.dtype)
+            return torch.cat([self.net.decode_latents(z[:, :, i:i + 1], state).float()
+                              for i in range(z.shape[2])], dim=2)
 
         return step
 
     # ---- whole clips ----------------------------------------------------------------------
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A whole clip, fed in chunks of 1 then 4 frames (memory independent of its length)."""
+        """A whole clip of 1 + 4k frames (memory independent of its length: see ``encoder_stream``)."""
         self._check(x, 3, "x")
         t, f = x.shape[2], self.temporal_factor
         if (t - 1) % f:
             raise ValueError(f"{self.name}: expected 1 + {f}k frames, got {t} (pad the clip's end first)")
-        step = self.encoder_stream(sample, generator)
-        bounds = [0, 1, *range(1 + f, t + 1, f)]
-        return torch.cat([step(x[:, :, a:b]) for a, b in zip(bounds, bounds[1:])], dim=2)
+        return self.encoder_stream(sample, generator)(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """A whole latent clip, one latent frame at a time."""
-        self._check(z, self.latent_channels, "z")
-        step = self.decoder_stream()
-        return torch.cat([step(z[:, :, i:i + 1]) for i in range(z.shape[2])], dim=2)
+        """A whole latent clip (one latent frame at a time)."""
+        return self.decoder_stream()(z)
 
     def _check(self, t: torch.Tensor, channels: int, what: str) -> None:
         if t.ndim != 5 or t.shape[1] != channels or t.shape[2] < 1:
