@@ -145,6 +145,8 @@ def _load(args, device, dtype):
     if args.model is None:
         return None
     model = load_model(args.model, device=device, dtype=dtype, preset_name=args.preset)
+    if model.family == "wan":  # video VAEs run their own GPU path (no graphs/compile hooks)
+        return model
     # channels_last and cuDNN autotuning on CUDA; compile and CUDA graphs when asked.
     return accelerate(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
 

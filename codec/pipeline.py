@@ -24,6 +24,7 @@ from .coder import CoderOptions, FrameDecoder, FrameEncoder
 from .latents import LatentReader, LatentWriter, check_compatible
 from .models import Autoencoder, load_model
 from .models.accel import accelerate
+from .models.video_autoencoder import VideoAutoencoder
 from .quality import psnr, ssim
 from .stages import BackgroundStage, now, peak_host_mb, progress
 from .video import FrameReader, VideoWriter, probe_video
@@ -75,9 +76,10 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
 
 
 def _model(model: Autoencoder | str | os.PathLike, device, dtype) -> Autoencoder:
-    if isinstance(model, Autoencoder):
+    if isinstance(model, (Autoencoder, VideoAutoencoder)):
         return model
-    return accelerate(load_model(model, device=device, dtype=dtype))  # channels_last etc. on CUDA
+    model = load_model(model, device=device, dtype=dtype)
+    return model if isinstance(model, VideoAutoencoder) else accelerate(model)  # channels_last etc. on CUDA
 
 
 def _check_output(path: Path) -> None:
@@ -97,6 +99,11 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     dst = Path(dst)
     _check_output(dst)
     model = _model(model, device, dtype)
+    if isinstance(model, VideoAutoencoder):  # causal video VAE: the temporal coder
+        from .video_pipeline import encode_clip
+
+        return encode_clip(src, dst, model, options=options, start=start, end=end, stride=stride, batch=batch,
+                           latent_dtype=latent_dtype, quiet=quiet)
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
@@ -156,6 +163,11 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     else:
         model = _model(model, device, dtype)
     check_compatible(meta, model.latent_channels, model.family, model.name)
+    if isinstance(model, VideoAutoencoder):  # causal video VAE: the temporal coder
+        from .video_pipeline import decode_clip
+
+        return decode_clip(reader, dst, model, options=options, crf=crf, preset=preset, lossless=lossless,
+                           quiet=quiet)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
     if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:
@@ -196,6 +208,8 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     dst = Path(dst)
     _check_output(dst)
     model = _model(model, device, dtype)
+    if isinstance(model, VideoAutoencoder):
+        raise ValueError(f"roundtrip does not support video VAEs ({model.name}) yet; run codec encode, then codec decode")
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
@@ -318,10 +332,11 @@ def describe_latents(path: str | os.PathLike) -> dict:
     """Metadata, shape, frame count, duration and size of a latent file (for ``codec info``)."""
     with LatentReader(path) as r:
         fps = r.fps
+        frames = int(r.metadata.get("source_frames", r.num_frames))  # video VAEs: T frames in T' latents
         return {
             "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
-            "frames": r.num_frames, "dtype": str(r.dtype).removeprefix("torch."),
-            "duration_s": float(r.num_frames / fps) if fps else None, **r.metadata,
+            "frames": frames, "dtype": str(r.dtype).removeprefix("torch."),
+            "duration_s": float(frames / fps) if fps else None, **r.metadata,
         }
 
 

@@ -143,7 +143,8 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
             raise ValueError(f"{folder}: has config.json but no diffusion_pytorch_model.safetensors")
         state, _ = read_state_dict(weights)
         if cfg_json.get("_class_name") == "AutoencoderKLWan":
-            return _finish(wan_diffusers_config(cfg_json, config_file), state, weights)
+            # The folder is the model's identity: its config.json holds the latent statistics.
+            return _finish(wan_diffusers_config(cfg_json, config_file), state, folder)
         try:
             layout = detect_layout(state)
         except ValueError as e:
