@@ -266,3 +266,25 @@ def test_bad_inputs_are_refused():
         model.encode(clip(5, size=20))
     with pytest.raises(ValueError, match=r"\(N,4,T,H,W\)"):
         model.decode(torch.zeros(1, 5, 2, 4, 4))
+
+
+def test_save_model_round_trip(tmp_path):
+    from codec.models import save_model
+
+    model = small_model("2.2")
+    path = save_model(model, tmp_path / "wan.safetensors", dtype=torch.float32)
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_half_precision_stays_close():
+    """bf16 weights and activations (the GPU path's dtype), RMS norm statistics in fp32."""
+    model = small_model("2.1")
+    x = clip(5)
+    z = model.encode(x)
+    half = small_model("2.1").to(torch.bfloat16)
+    z_half = half.encode(x)
+    assert z_half.dtype == torch.float32 and rel(z_half, z) < 0.05
+    out = half.decode(z)
+    assert out.dtype == torch.float32 and rel(out, model.decode(z)) < 0.05
