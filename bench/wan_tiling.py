@@ -30,7 +30,8 @@ def clip(frames: int, h: int, w: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     base = torch.rand(1, 3, h // 8, w // 8, generator=g)
     img = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)[0]
-    return torch.stack([torch.roll(img, 2 * t, dims=2) for t in range(frames)]).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8)
+    moving = torch.stack([torch.roll(img, 2 * t, dims=2) for t in range(frames)])
+    return moving.permute(0, 2, 3, 1).mul(255).round().to(torch.uint8)
 
 
 def run(model, frames, h, w, options):
@@ -83,19 +84,22 @@ def main(argv: list[str] | None = None) -> int:
                        "tiles": len(enc.layout),
                        "encode_rel_error": ((z1 - z0).norm() / z0.norm()).item(),
                        "decode_psnr_db": (10 * torch.log10(255**2 / ((x1 - x0) ** 2).mean().clamp_min(1e-10))).item(),
+
                        "decode_max_abs_uint8": (x1 - x0).abs().max().item()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    doc = {"device": "cpu", "versions": bench.versions(), "clip": f"synthetic smooth pattern {w}x{h}, {args.frames} frames",
+    doc = {"device": "cpu", "versions": bench.versions(),
+           "clip": f"synthetic smooth pattern {w}x{h}, {args.frames} frames",
            "models": {k: str(v) for k, v in configs.items()}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "wan_tiling.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["| model | attention | tile px | overlap px | tiles | encode rel. error | decode PSNR dB | decode max abs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {'on' if r['attention'] else 'off'} | {r['tile_px']} | {r['overlap_px']} | {r['tiles']} | "
-              f"{r['encode_rel_error']:.4f} | {r['decode_psnr_db']:.1f} | {r['decode_max_abs_uint8']:.0f} |" for r in rows]
-    (args.out / "wan_tiling.md").write_text(f"# Wan tiled vs untiled ({doc['clip']}, CPU fp32, random weights)\n\n"
-                                            + "\n".join(lines) + "\n")
+    lines = ["| model | attention | tile px | overlap px | tiles | encode rel. error | decode PSNR dB | "
+             "decode max abs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {'on' if r['attention'] else 'off'} | {r['tile_px']} | {r['overlap_px']} | "
+              f"{r['tiles']} | {r['encode_rel_error']:.4f} | {r['decode_psnr_db']:.1f} | "
+              f"{r['decode_max_abs_uint8']:.0f} |" for r in rows]
+    title = f"# Wan tiled vs untiled ({doc['clip']}, CPU fp32, random weights)\n\n"
+    (args.out / "wan_tiling.md").write_text(title + "\n".join(lines) + "\n")
     return 0
 
 

@@ -209,7 +209,8 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     _check_output(dst)
     model = _model(model, device, dtype)
     if isinstance(model, VideoAutoencoder):
-        raise ValueError(f"roundtrip does not support video VAEs ({model.name}) yet; run codec encode, then codec decode")
+        raise ValueError(f"roundtrip does not support video VAEs ({model.name}) yet; "
+                         "run codec encode, then codec decode")
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)

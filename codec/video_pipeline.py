@@ -10,7 +10,6 @@ temporal factor, the frame rule, the end padding and the source frame count.
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from fractions import Fraction
 from pathlib import Path

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from .config import WanConfig
 
 State = dict  # module -> the tensor(s) it carries from one chunk of a stream to the next
@@ -58,31 +60,31 @@ class CausalConv3d(nn.Conv3d):
 
 class RMSNorm(nn.Module):
     """x / ||x||_channels * sqrt(C) * gamma, per position (no statistics across space or time,
-    so tiles need nothing global). Half precision is normalized in fp32."""
+    so tiles need nothing global), with an optional fused SiLU (``kernels.rms_norm``: a Triton
+    kernel on CUDA, its torch reference elsewhere). Half precision is normalized in fp32."""
 
-    def __init__(self, c: int, images: bool = False):
+    def __init__(self, c: int, images: bool = False, act: str | None = None):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(c, 1, 1) if images else torch.ones(c, 1, 1, 1))
-        self.scale = c**0.5
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.normalize(x.float() if x.dtype != torch.float32 else x, dim=1).to(x.dtype)
-        return y * self.scale * self.gamma
+        return kernels.rms_norm(x, self.gamma, self.act)
 
 
 class ResidualBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.norm1 = RMSNorm(c_in)
+        self.norm1 = RMSNorm(c_in, act="silu")
         self.conv1 = CausalConv3d(c_in, c_out)
-        self.norm2 = RMSNorm(c_out)
+        self.norm2 = RMSNorm(c_out, act="silu")
         self.conv2 = CausalConv3d(c_out, c_out)
         self.conv_shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         h = self.conv_shortcut(x, state) if self.conv_shortcut is not None else x
-        x = self.conv1(F.silu(self.norm1(x)), state)
-        x = self.conv2(F.silu(self.norm2(x)), state)
+        x = self.conv1(self.norm1(x), state)
+        x = self.conv2(self.norm2(x), state)
         return x + h
 
 
@@ -289,7 +291,7 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(c_out, temporal))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], act="silu")
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.latent_channels)
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor | None:
@@ -300,7 +302,7 @@ class Encoder(nn.Module):
             if empty_frames(x):
                 return None
         x = self.mid_block(x, state)
-        return self.conv_out(F.silu(self.norm_out(x)), state)
+        return self.conv_out(self.norm_out(x), state)
 
 
 class Decoder(nn.Module):
@@ -320,14 +322,14 @@ class Decoder(nn.Module):
             else:  # 2.1's upsamplers halve the channels, so later blocks start at half width
                 blocks.append(UpBlock(c_in // 2 if i > 0 else c_in, c_out, cfg.num_res_blocks + 1, up, temporal))
         self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], act="silu")
         self.conv_out = CausalConv3d(dims[-1], 3 * cfg.patch_size**2)
 
     def forward(self, z: torch.Tensor, state: State) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z, state), state)
         for block in self.up_blocks:
             x = block(x, state)
-        return self.conv_out(F.silu(self.norm_out(x)), state)
+        return self.conv_out(self.norm_out(x), state)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
