@@ -45,6 +45,11 @@ def memory_bytes(model: VideoAutoencoder, tile_px: int, tiles_px: int) -> int:
 def plan_video_tiles(model: VideoAutoencoder, h8: int, w8: int, options: CoderOptions) -> TilePlan:
     """Whole frames when they fit the budget, else the largest tile of the ladder that does."""
     s = model.downscale
+    if str(options.cache) not in ("exact", "off") or options.refresh is not None:
+        raise ValueError(f"--cache {options.cache} / --refresh do not apply to the video VAE {model.name}: its causal "
+                         "caches carry time (every frame is coded, nothing is reused)")
+    if options.norm == "global":
+        raise ValueError(f"--norm global does not apply to {model.name}: its RMS norm is per position")
     for name, v in (("tile", options.tile), ("overlap", options.overlap)):
         if v is not None and (v <= 0 and name == "tile" or v < 0 or v % s):
             raise ValueError(f"--{name} must be a {'positive' if name == 'tile' else 'non-negative'} "

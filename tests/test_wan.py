@@ -288,3 +288,11 @@ def test_half_precision_stays_close():
     assert z_half.dtype == torch.float32 and rel(z_half, z) < 0.05
     out = half.decode(z)
     assert out.dtype == torch.float32 and rel(out, model.decode(z)) < 0.05
+
+
+def test_float16_overflow_is_an_error_not_garbage():
+    model = small_model("2.1").half()
+    with torch.no_grad():
+        model.net.encoder.conv_out.weight.fill_(1e4)
+    with pytest.raises(ValueError, match="non-finite values in float16"):
+        model.encode(clip(1))

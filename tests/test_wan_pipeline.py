@@ -87,6 +87,16 @@ def test_tiles_each_keep_their_own_cache():
     assert 10 * torch.log10(255**2 / ((a - b) ** 2).mean()).item() > 25
 
 
+def test_options_that_do_not_apply_are_refused():
+    model = wan_model(latent_channels=4)
+    for options, match in ((CoderOptions(cache="2"), "do not apply"), (CoderOptions(refresh=8), "do not apply"),
+                           (CoderOptions(norm="global"), "per position"), (CoderOptions(tile=36), "multiple of 8"),
+                           (CoderOptions(tile=32, overlap=32), "smaller than"),
+                           (CoderOptions(max_memory=1000), "too small")):
+        with pytest.raises(ValueError, match=match):
+            VideoEncoder(model, 64, 96, options)
+
+
 def test_api_round_trip_keeps_frames_and_timing(wan_folder, tmp_path):
     clip = write_clip(tmp_path / "clip.mp4", moving_square_frames(7, 34, 50), fps=Fraction(30000, 1001))
     lat, out = tmp_path / "clip.safetensors", tmp_path / "out.mp4"

@@ -100,6 +100,7 @@ class VideoAutoencoder(nn.Module):
 
     def _encode_piece(self, x: torch.Tensor, state: State, sample: bool, generator) -> torch.Tensor:
         mean, logvar = (m.float() for m in self.net.encode_moments(x.to(self.device, self.dtype), state))
+        self._check_finite(mean)
         z = mean
         if sample:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -118,8 +119,10 @@ class VideoAutoencoder(nn.Module):
             self._check(z, self.latent_channels, "z")
             mu, std = self.latent_stats(z.device)
             z = (z.float() * std + mu).to(self.device, self.dtype)
-            return torch.cat([self.net.decode_latents(z[:, :, i:i + 1], state).float()
-                              for i in range(z.shape[2])], dim=2)
+            out = torch.cat([self.net.decode_latents(z[:, :, i:i + 1], state).float() for i in range(z.shape[2])],
+                            dim=2)
+            self._check_finite(out)
+            return out
 
         return step
 
@@ -135,6 +138,11 @@ class VideoAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """A whole latent clip (one latent frame at a time)."""
         return self.decoder_stream()(z)
+
+    def _check_finite(self, t: torch.Tensor) -> None:
+        # A stream cannot be recomputed in fp32 halfway (its caches hold half-precision state).
+        if self.dtype == torch.float16 and not torch.isfinite(t).all():
+            raise ValueError(f"{self.name}: non-finite values in float16; run it in bfloat16 or float32 (--dtype)")
 
     def _check(self, t: torch.Tensor, channels: int, what: str) -> None:
         if t.ndim != 5 or t.shape[1] != channels or t.shape[2] < 1:
