@@ -1,6 +1,6 @@
 """Tiled against untiled coding for the Wan video VAEs (small random models, CPU, fp32).
 
-    python bench/wan_tiling.py [--size 128x192] [--frames 9] [--out bench/results]
+    python bench/wan_tiling.py [--size 96x128] [--frames 5] [--tiles 64/16,64/32] [--out bench/results]
 
 A smooth synthetic clip (a bilinear-upsampled random pattern scrolling sideways) goes through
 ``VideoEncoder`` / ``VideoDecoder`` untiled and with tiles of several sizes and overlaps (each
@@ -44,8 +44,9 @@ def run(model, frames, h, w, options):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="128x192")
-    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--size", default="96x128")
+    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("--tiles", default="64/16,64/32", help="tile/overlap pairs in px")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             z0, _ = run(model, frames, h, w, CoderOptions())
             x0 = VideoDecoder(model, h, w)(z0).float()
             s = model.downscale
-            for tile, overlap in ((64, 16), (64, 32), (96, 32), (96, 48)):
+            for tile, overlap in (tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")):
                 if tile % s or overlap % s:
                     continue
                 opts = CoderOptions(tile=tile, overlap=overlap)

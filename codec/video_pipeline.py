@@ -158,5 +158,12 @@ def decode_clip(reader: LatentReader, dst: Path, model: VideoAutoencoder, *, opt
             report.frames += len(images)
             return images, np.asarray(pts[:len(images)], dtype=np.int64), ready
 
-        _pump(reader, work, write, "video-writer", bar)
+        _pump(_one_by_one(reader), work, write, "video-writer", bar)
     return _done(report, t0, decoder, model)
+
+
+def _one_by_one(reader: LatentReader):
+    """Latent frames one at a time, so each one's video frames are written as soon as decoded."""
+    for latents, pts in reader:
+        for i in range(len(pts)):
+            yield latents[i:i + 1], pts[i:i + 1]
