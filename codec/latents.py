@@ -278,6 +278,20 @@ class LatentWriter:
     def num_frames(self) -> int:
         return len(self._pts)
 
+    def update_metadata(self, metadata: Mapping[str, object]) -> None:
+        """Replace values known only at the end (e.g. a video clip's end padding), written with the
+        header on close. The keys must have been given at open, with a placeholder, so the header
+        space reserved then fits them (values may grow by up to 64 characters in all)."""
+        if self._file is None:
+            raise ValueError(f"{self.path}: the latent writer is closed")
+        new = {k: _as_string(k, v) for k, v in metadata.items()}
+        unknown = sorted(set(new) - set(self._meta) | set(new) & set(_AUTO_METADATA))
+        if unknown:
+            raise ValueError(f"{self.path}: metadata {', '.join(unknown)} must be given when the writer opens")
+        if sum(len(v) - len(self._meta[k]) for k, v in new.items()) > 64:
+            raise ValueError(f"{self.path}: updated metadata outgrows the reserved header space")
+        self._meta.update(new)
+
     def write(self, latents: torch.Tensor, pts: int | Sequence[int] | torch.Tensor) -> None:
         """latents: (n, C, h, w) or (C, h, w) float tensor, any device; pts: n ints (int64)."""
         if self._file is None:

@@ -25,6 +25,7 @@ from .coder import CoderOptions, FrameDecoder, FrameEncoder
 from .latents import LatentReader, LatentWriter, check_compatible
 from .models import PRESETS, Autoencoder, load_model, weights_digest
 from .models.accel import accelerate
+from .models.video_autoencoder import VideoAutoencoder
 from .outputs import PLOT_SUFFIXES, check_output, model_files
 from .quality import psnr, ssim
 from .stages import BackgroundStage, now, peak_host_mb, progress
@@ -80,9 +81,10 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
 
 
 def _model(model: Autoencoder | str | os.PathLike, device, dtype) -> Autoencoder:
-    if isinstance(model, Autoencoder):
+    if isinstance(model, (Autoencoder, VideoAutoencoder)):
         return model
-    return accelerate(load_model(model, device=device, dtype=dtype))  # channels_last etc. on CUDA
+    model = load_model(model, device=device, dtype=dtype)
+    return model if isinstance(model, VideoAutoencoder) else accelerate(model)  # channels_last etc. on CUDA
 
 
 IN_MEMORY = "in-memory"  # model_id of a model that was not loaded from weights (nothing reloads it)
@@ -119,6 +121,25 @@ def recorded_model(meta: dict[str, str], src, device, dtype) -> Autoencoder:
     return model
 
 
+def clip_metadata(model, src, info, padding: tuple[int, int], start: int, stride: int,
+                  extra: dict[str, str] | None = None) -> dict:
+    """What a latent file records of an encode: the model's identity and latent convention, the
+    source's geometry, rate and rotation, the frames taken, and ``extra`` (e.g. a dataset key).
+    ``container_frames`` is the frame count the source's container states, when it states one."""
+    meta = {
+        **model_identity(model), "family": model.family,
+        "scaling_factor": model.scaling_factor, "shift_factor": model.shift_factor,
+        "fps": Fraction(info.fps) / stride, "time_base": info.time_base,
+        "source_width": info.width, "source_height": info.height,
+        "pad_bottom": padding[0], "pad_right": padding[1],
+        "source_file": Path(src).name, "start": start, "stride": stride, "tool": f"codec {__version__}",
+        "rotation": info.rotation,
+    }
+    if info.num_frames is not None:
+        meta["container_frames"] = info.num_frames
+    return {**meta, **(extra or {})}
+
+
 def _check_output(dst, src=None, model=None, suffixes=None) -> Path:
     """``dst`` as a Path if it may be written: not ``src``, not a file of ``model``, a regular
     file path in an existing folder (``codec.outputs.check_output``)."""
@@ -135,29 +156,23 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     The latent file is written under a temporary name and renamed when complete: an interrupted
     or failed run leaves nothing at ``dst``. A source that decodes short of the frame count its
     container states is an error, unless ``allow_short`` (then ``missing_frames`` of the report
-    counts them; the file records the container's count as ``source_frames``). The source's
+    counts them; the file records the container's count as ``container_frames``). The source's
     display rotation is recorded as ``rotation`` (degrees counter-clockwise). ``metadata``: extra
     entries recorded in the file (e.g. the cache key of ``codec dataset``); they do not change the latents.
     """
     dst = _check_output(dst, src, model)
     model = _model(model, device, dtype)
     _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
+    if isinstance(model, VideoAutoencoder):  # causal video VAE: the temporal coder
+        from .video_pipeline import encode_clip
+
+        return encode_clip(src, dst, model, options=options, start=start, end=end, stride=stride, batch=batch,
+                           latent_dtype=latent_dtype, allow_short=allow_short, quiet=quiet, metadata=metadata)
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
     f = model.downscale
-    meta = {
-        **model_identity(model), "family": model.family,
-        "scaling_factor": model.scaling_factor, "shift_factor": model.shift_factor,
-        "fps": Fraction(info.fps) / stride, "time_base": info.time_base,
-        "source_width": info.width, "source_height": info.height,
-        "pad_bottom": encoder.padding[0], "pad_right": encoder.padding[1],
-        "source_file": Path(src).name, "start": start, "stride": stride, "tool": f"codec {__version__}",
-        "rotation": info.rotation,
-    }
-    if info.num_frames is not None:
-        meta["source_frames"] = info.num_frames
-    meta.update(metadata or {})
+    meta = clip_metadata(model, src, info, encoder.padding, start, stride, metadata)
     total = _frame_count(info.num_frames, start, end, stride)
     report = RunReport()
     bar = progress(total, "encode", quiet)
@@ -210,6 +225,11 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
     if meta.get("model_sha256") not in (None, weights_digest(model)):
         warnings.warn(f"{src}: decoding with other weights than those that encoded it ({meta.get('model_id')}); "
                       "expected for a fine-tuned decoder", RuntimeWarning, stacklevel=2)
+    if isinstance(model, VideoAutoencoder):  # causal video VAE: the temporal coder
+        from .video_pipeline import decode_clip
+
+        return decode_clip(reader, dst, model, options=options, crf=crf, preset=preset, lossless=lossless,
+                           quiet=quiet)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
     if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:
@@ -251,6 +271,9 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     dst = _check_output(dst, src, model, VideoWriter.SUFFIXES)
     model = _model(model, device, dtype)
     _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
+    if isinstance(model, VideoAutoencoder):
+        raise ValueError(f"roundtrip does not support video VAEs ({model.name}) yet; "
+                         "run codec encode, then codec decode")
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)
@@ -383,11 +406,12 @@ def describe_latents(path: str | os.PathLike) -> dict:
     with LatentReader(path) as r:
         fps = r.fps
         meta = {k: _typed(k, v) for k, v in r.metadata.items()}
+        frames = int(r.metadata.get("source_frames", r.num_frames))  # video VAEs: T frames in T' latents
         return {
             **meta, "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
-            "frames": r.num_frames, "dtype": str(r.dtype).removeprefix("torch."),
+            "frames": frames, "dtype": str(r.dtype).removeprefix("torch."),
             "fps": _rational(fps), "fps_float": float(fps), "time_base": _rational(r.time_base),
-            "duration_s": float(r.num_frames / fps) if fps else None,
+            "duration_s": float(frames / fps) if fps else None,
         }
 
 

@@ -4,6 +4,7 @@ from ._dispatch import HAVE_TRITON, force_reference, interpreting, reference_for
 from .blend import blend_tiles, ramp_window
 from .frames import frames_to_input, output_to_frames
 from .group_norm import group_norm, group_norm_apply, group_norm_stats, merge_group_stats
+from .rms_norm import rms_norm
 from .tile_change import tile_change
 from .upconv import fold_weight, upsample_conv3x3
 
@@ -19,6 +20,7 @@ __all__ = [
     "merge_group_stats",
     "output_to_frames",
     "ramp_window",
+    "rms_norm",
     "reference_forced",
     "tile_change",
     "unusable_kernels",

@@ -19,10 +19,9 @@ from helpers import moving_square_frames, tiny_model_file, write_clip
 
 from codec.cli import main
 from codec.dataset import EncodeSettings, find_clips, run_dataset
-from codec.models import weights_digest
 from codec.dataset.work import KEY_FIELD, is_complete
 from codec.latents import LatentReader
-from codec.models import load_model
+from codec.models import load_model, weights_digest
 
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install -e '.[ray]')")
 

@@ -225,7 +225,7 @@ def test_load_tiny_diffusers_folder_and_taesd_pair(tmp_path):
 def test_presets_have_real_conventions():
     assert {n: c.latent_channels for n, c in PRESETS.items()} == {
         "sd15": 4, "sd2": 4, "sdxl": 4, "sd3": 16, "flux1": 16,
-        "taesd": 4, "taesdxl": 4, "taesd3": 16, "taef1": 16, "taef2": 32}
+        "taesd": 4, "taesdxl": 4, "taesd3": 16, "taef1": 16, "taef2": 32, "wan2.1": 16, "wan2.2": 48}
     assert PRESETS["sd3"].scaling_factor == 1.5305 and PRESETS["sd3"].shift_factor == 0.0609
     assert PRESETS["flux1"].scaling_factor == 0.3611 and not PRESETS["flux1"].use_quant_conv
     assert PRESETS["sdxl"].scaling_factor == 0.13025 and PRESETS["taef2"].midblock_groupnorm

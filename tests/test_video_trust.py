@@ -147,7 +147,7 @@ def test_allow_short_encode_records_the_short_count(cut_mp4, model_file, tmp_pat
         rep = encode_video(cut_mp4, out, str(model_file), allow_short=True)
     assert (rep.frames, rep.missing_frames) == (12, 12)
     with LatentReader(out) as r:
-        assert r.num_frames == 12 and r.metadata["source_frames"] == "24"
+        assert r.num_frames == 12 and r.metadata["container_frames"] == "24"
     assert main(["encode", str(cut_mp4), "-o", str(out), "--model", str(model_file), "--allow-short"]) == 0
     captured = capsys.readouterr()
     assert "short by 12 frames" in captured.out

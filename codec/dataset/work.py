@@ -17,8 +17,8 @@ import torch
 
 from ..coder import CoderOptions
 from ..latents import LatentReader
-from ..stages import now
 from ..models import weights_digest
+from ..stages import now
 from .keys import cache_key, file_digest, options_digest
 from .sources import Clip
 
@@ -96,7 +96,8 @@ class ClipEncoder:
             dst.parent.mkdir(parents=True, exist_ok=True)
             encode_video(clip.path, dst, self.model, device=self.device, dtype=self.dtype,
                          options=self.coder_options, start=s.start, end=s.end, stride=s.stride,
-                         batch=s.batch, latent_dtype=self.latent_dtype, allow_short=s.allow_short, quiet=True, metadata={KEY_FIELD: key})
+                         batch=s.batch, latent_dtype=self.latent_dtype, allow_short=s.allow_short, quiet=True,
+                         metadata={KEY_FIELD: key})
             row.update(describe(dst), status="ok", error="", seconds=now() - t0)
         except Exception as e:  # the clip fails, the run goes on
             row.update(status="failed", error=" ".join(str(e).split()) or type(e).__name__, seconds=now() - t0)

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from .wan_layouts import wan_layout
+
 LDM_PREFIX = "first_stage_model."
 _LDM_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -20,13 +22,17 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    """One of 'kl-diffusers', 'kl-ldm', 'tiny-diffusers', 'tiny-encoder', 'tiny-decoder', 'tiny-pair'.
+    """One of 'kl-diffusers', 'kl-ldm', 'tiny-diffusers', 'tiny-encoder', 'tiny-decoder', 'tiny-pair',
+    'wan-diffusers', 'wan-original'.
 
     Decided by the pattern of the key names, so a partial state dict still gets its layout (and
     the strict fit then names what is missing). Raises ValueError (without the file name; the
     caller adds it) for anything else, naming what the keys look like when we can tell.
     """
     keys = set(state)
+
+    if wan := wan_layout(keys):  # before KL: Wan 2.2's diffusers names share KL's block names
+        return wan
 
     def has(pattern: str) -> bool:
         return any(re.match(pattern, k) for k in keys)

@@ -16,6 +16,7 @@ from .config import (
     KLConfig,
     ModelConfig,
     TinyConfig,
+    WanConfig,
     checked_fields,
     config_from_dict,
     preset,
@@ -35,6 +36,10 @@ from .layouts import (
     tiny_shape_config,
 )
 from .tiny import rename_pool_keys
+from .video_autoencoder import VideoAutoencoder
+from .wan_layouts import diffusers_config as wan_diffusers_config
+from .wan_layouts import original_to_diffusers as wan_original_to_diffusers
+from .wan_layouts import shape_config as wan_shape_config
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODEL = "default"
@@ -52,13 +57,19 @@ HUB_IDS = {
     "taesdxl": ("madebyollin/taesdxl", None),
     "taesd3": ("madebyollin/taesd3", None),
     "taef1": ("madebyollin/taef1", None),
+    "wan2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vae"),
+    "wan2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "vae"),
 }
 
 
-def build(name: str | ModelConfig, **overrides) -> Autoencoder:
+def build(name: str | ModelConfig, **overrides) -> Autoencoder | VideoAutoencoder:
     """An untrained (randomly initialised) model of a preset's architecture, for tests and benchmarks."""
-    cfg = name if isinstance(name, (KLConfig, TinyConfig)) else preset(name, **overrides)
-    return Autoencoder(cfg).eval()
+    cfg = name if isinstance(name, (KLConfig, TinyConfig, WanConfig)) else preset(name, **overrides)
+    return _new_model(cfg).eval()
+
+
+def _new_model(cfg: ModelConfig) -> Autoencoder | VideoAutoencoder:
+    return VideoAutoencoder(cfg) if isinstance(cfg, WanConfig) else Autoencoder(cfg)
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
@@ -157,11 +168,15 @@ def _load_path(path: Path, preset_name: str | None) -> Autoencoder:
 def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
     config_file = folder / "config.json"
     if config_file.is_file():
-        family, declared = diffusers_config(read_json(config_file), str(config_file))
+        cfg_json = read_json(config_file)
         weights = next((folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if (folder / n).is_file()), None)
         if weights is None:
             raise ValueError(f"{folder}: has config.json but no diffusion_pytorch_model.safetensors")
+        if isinstance(cfg_json, dict) and cfg_json.get("_class_name") == "AutoencoderKLWan":
+            # The folder is the model's identity: its config.json holds the latent statistics.
+            return _finish(wan_diffusers_config(cfg_json, config_file), read_state_dict(weights)[0], folder)
+        family, declared = diffusers_config(cfg_json, str(config_file))
         state, _ = read_state_dict(weights)
         try:
             layout = detect_layout(state)
@@ -207,6 +222,10 @@ def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None, 
                  named: Path) -> Autoencoder:
     """The model of a state dict in ``layout``: the fields a config declared first, then the shapes,
     then the latent convention (``_with_convention``; ``named`` is what a name hint is read from)."""
+    if layout.startswith("wan"):  # a Wan file states its architecture in its shapes; its preset its statistics
+        if layout == "wan-original":
+            state = wan_original_to_diffusers(state)
+        return _finish(wan_shape_config(state, path), state, path)
     if layout.startswith("kl"):
         if layout == "kl-ldm":
             state = ldm_to_diffusers(state)
@@ -281,7 +300,7 @@ def _fit(cfg: ModelConfig, state: dict, path: Path) -> None:
     of ``cfg`` (checked on the meta device: nothing is allocated)."""
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in Autoencoder(cfg).state_dict().items()}
+            expected = {k: tuple(v.shape) for k, v in _new_model(cfg).state_dict().items()}
     except ValueError as e:  # e.g. GroupNorm groups that do not divide a width
         raise ValueError(f"{path}: the weights give a {cfg.family} model that cannot be built "
                          f"({_first_line(e)}; config {_arch_summary(cfg)})") from None
@@ -304,6 +323,8 @@ def _arch_summary(cfg: ModelConfig) -> str:
     if isinstance(cfg, KLConfig):
         return (f"{cfg.latent_channels} latent channels, widths {list(cfg.block_out_channels)}, "
                 f"{cfg.norm_num_groups} groups")
+    if isinstance(cfg, WanConfig):
+        return f"{cfg.latent_channels} latent channels, base width {cfg.base_dim}, multipliers {list(cfg.dim_mult)}"
     return f"{cfg.latent_channels} latent channels, width {cfg.width}"
 
 
@@ -314,7 +335,7 @@ def _first_line(e: Exception) -> str:
 
 def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
     _fit(cfg, state, path)
-    model = Autoencoder(cfg)
+    model = _new_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.source = str(path)
     model.weights_sha256 = state_digest(model.state_dict())  # once per load; identity.weights_digest
