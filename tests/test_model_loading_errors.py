@@ -160,7 +160,7 @@ def test_partial_taesd_pair_refused(tmp_path):
     ("[1, 2]", "expected a JSON object"),
     ('"tiny"', "expected a JSON object"),
     ("{not json", "not JSON"),
-    ('{"family": "vq"}', "expected family 'kl' or 'tiny'"),
+    ('{"family": "vq"}', "expected family 'kl', 'tiny' or 'wan'"),
     ('{"family": "tiny", "latent_channels": "four"}', "latent_channels: expected a positive integer"),
     ('{"family": "tiny", "width": -8}', "width: expected a positive integer"),
     ('{"family": "kl", "block_out_channels": "abc"}', "block_out_channels: expected a non-empty list"),
@@ -177,7 +177,7 @@ def test_bad_config_json_refused(tmp_path):
     folder = tmp_path / "vae"
     folder.mkdir()
     save_file(small_kl_state(), folder / "diffusion_pytorch_model.safetensors")
-    for text, needle in (("[]", "expected a JSON object"), ('{"_class_name": "AutoencoderKLWan"}', "AutoencoderKLWan"),
+    for text, needle in (("[]", "expected a JSON object"), ('{"_class_name": "AutoencoderKLWan"}', "does not fit a wan autoencoder"),
                          ('{"act_fn": "gelu"}', "act_fn"), ('{"norm_num_groups": 0}', "norm_num_groups"),
                          ('{"_class_name": "AutoencoderTiny"}', "config.json describes a tiny")):
         (folder / "config.json").write_text(text)

@@ -128,8 +128,8 @@ def test_decode_refuses_other_statistics(wan_folder, tmp_path):
 
 
 def test_writer_metadata_update_needs_a_placeholder(tmp_path):
-    meta = {k: "0" for k in ("model_id", "family", "scaling_factor", "shift_factor", "fps", "time_base",
-                             "source_width", "source_height", "pad_bottom", "pad_right")}
+    meta = {"model_id": "m", "family": "wan", "scaling_factor": "1", "shift_factor": "0", "fps": "24/1",
+            "time_base": "1/24", "source_width": "16", "source_height": "16", "pad_bottom": "0", "pad_right": "0"}
     with LatentWriter(tmp_path / "a.safetensors", (1, 2, 2), torch.float32, {**meta, "pad_frames": "0"}) as w:
         w.write(torch.zeros(1, 1, 2, 2), [0])
         with pytest.raises(ValueError, match="must be given when the writer opens"):
@@ -152,5 +152,5 @@ def test_command_on_a_real_clip(shared_data, wan_folder, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(lat)]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["frames"] == 5 and shown["pad_frames"] == "0" and "latents_std" in shown
+    assert shown["frames"] == 5 and shown["pad_frames"] == 0 and "latents_std" in shown  # typed JSON
     assert main(["roundtrip", str(src), "-o", str(tmp_path / "rt.mp4"), "--model", str(wan_folder)]) == 2

@@ -212,11 +212,15 @@ def accelerated(model: torch.nn.Module) -> dict[str, Accelerated]:
 def accelerate(model: torch.nn.Module, compile: bool = False, cuda_graphs: bool = False, *,
                compile_kwargs: dict | None = None, max_graphs: int = 8) -> torch.nn.Module:
     """Speed up ``model`` (an :class:`Autoencoder`) in place and return it; see the module docstring.
+    A video VAE (``VideoAutoencoder``) is returned as it is: its streams hold causal caches that
+    graphs and compiled passes do not know about (its GPU path is not tuned yet).
 
     Calling it again replaces what an earlier call installed. On the CPU only ``compile`` has an
     effect; ``cuda_graphs`` is ignored there, and the runner also falls back to eager calls for
     CPU inputs if the model is moved later.
     """
+    if getattr(model, "family", None) == "wan":  # video VAEs stream through their own causal caches
+        return model
     for name in RAW_PASSES:
         if not callable(getattr(type(model), name, None)):
             raise TypeError(f"accelerate expects an Autoencoder (with {name}), got {type(model).__name__}")
