@@ -177,7 +177,8 @@ def test_bad_config_json_refused(tmp_path):
     folder = tmp_path / "vae"
     folder.mkdir()
     save_file(small_kl_state(), folder / "diffusion_pytorch_model.safetensors")
-    for text, needle in (("[]", "expected a JSON object"), ('{"_class_name": "AutoencoderKLWan"}', "does not fit a wan autoencoder"),
+    for text, needle in (("[]", "expected a JSON object"),
+                         ('{"_class_name": "AutoencoderKLWan"}', "does not fit a wan autoencoder"),
                          ('{"act_fn": "gelu"}', "act_fn"), ('{"norm_num_groups": 0}', "norm_num_groups"),
                          ('{"_class_name": "AutoencoderTiny"}', "config.json describes a tiny")):
         (folder / "config.json").write_text(text)
