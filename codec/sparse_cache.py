@@ -42,7 +42,7 @@ from .models.tiny import Block, Clamp
 CELL = 8  # px per cell at the model's full resolution (one latent cell)
 MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
 CUT_FRACTION = 0.5  # more input cells changed than this: scene cut, dense refresh
-DENSE_FRACTION = 0.5  # a conv recomputing more cells than this runs densely
+DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
 ACT_FACTOR = 1.0  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
 
 
@@ -258,6 +258,7 @@ class SparseNetCache:
         masks: list[torch.Tensor | None] = [None] * len(self.buffers)
         self.buffers[0], masks[0] = x, changed
         flops = 0
+        self.counts = []  # cells recomputed per step (self.cells: dense)
         for st in self.steps:
             need = F.max_pool2d(masks[st.src][None, None].float(), 3, 1, 1)[0, 0] > 0  # the halo
             if st.residual is not None:
@@ -271,6 +272,7 @@ class SparseNetCache:
                 count = self.cells
             else:
                 masks[st.dst] = self._sparse_step(st, cells)
+            self.counts.append(count)
             flops += count * st.flops_per_cell()
         return self.buffers[-1], flops
 
@@ -290,12 +292,12 @@ class SparseNetCache:
         if st.residual is not None:
             y = y + _flat(self.buffers[st.residual]).index_select(0, out_ix).view_as(y)
         if st.relu:
-            y = torch.relu(y)
+            y = y.relu_()
         old = _flat(dst).index_select(0, out_ix).view_as(y)
         if self.threshold == 0:
             keep = (y != old).flatten(1).any(1)
         else:
-            keep = (y - old).abs().flatten(1).mean(1) > self._tau(st)
+            keep = (y - old).abs_().mean((1, 2, 3)) > self._tau(st)
             y = torch.where(keep[:, None, None, None], y, old)
         _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
         mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
