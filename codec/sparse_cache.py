@@ -19,8 +19,8 @@ For a new frame:
 - after each conv, a recomputed cell whose output moved less than the layer's threshold keeps its
   cached value and is not propagated: a change that died out stops spreading. ``exact`` keeps
   only bit-identical cells, so exact is bit-identical to no cache;
-- a refresh every ``refresh`` frames and on a scene cut (more than ``CUT_FRACTION`` of the input
-  cells changed) runs the dense model and keeps its activations (no copies: the dense outputs
+- a refresh every ``refresh`` frames and on a scene cut (the changed input cells with their halo
+  are more than ``CUT_FRACTION`` of the frame: a sparse pass would cost more than a dense one) runs the dense model and keeps its activations (no copies: the dense outputs
   become the cache). A conv that would recompute more than ``DENSE_FRACTION`` of the cells runs
   densely and is merged cell by cell.
 
@@ -41,7 +41,7 @@ from .models.tiny import Block, Clamp
 
 CELL = 8  # px per cell at the model's full resolution (one latent cell)
 MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
-CUT_FRACTION = 0.5  # more input cells changed than this: scene cut, dense refresh
+CUT_FRACTION = 0.4  # more cells than this to recompute at the first conv: scene cut, dense refresh
 DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
 ACT_FACTOR = 1.0  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
 
@@ -260,7 +260,7 @@ class SparseNetCache:
         flops = 0
         self.counts = []  # cells recomputed per step (self.cells: dense)
         for st in self.steps:
-            need = F.max_pool2d(masks[st.src][None, None].float(), 3, 1, 1)[0, 0] > 0  # the halo
+            need = _dilate(masks[st.src])  # the halo
             if st.residual is not None:
                 need |= masks[st.residual]
             cells = need.flatten().nonzero().squeeze(1)
@@ -298,7 +298,11 @@ class SparseNetCache:
             keep = (y != old).flatten(1).any(1)
         else:
             keep = (y - old).abs_().mean((1, 2, 3)) > self._tau(st)
+        if y.device.type == "cuda":  # no host sync: write every recomputed cell, the kept ones new
             y = torch.where(keep[:, None, None, None], y, old)
+        else:  # write only the kept cells (fewer bytes; the CPU syncs anyway)
+            sel = keep.nonzero().squeeze(1)
+            y, out_ix = y[sel], out_ix.view(cells.numel(), -1)[sel].flatten()
         _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
         mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
         mask[cells] = keep
@@ -317,6 +321,11 @@ class SparseNetCache:
             y = _nhwc(torch.where(_up(keep, s), y, old))
         self.buffers[st.dst] = y
         return keep
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool: the cells and their 8 neighbours (a 3x3 conv's one-cell halo)."""
+    return F.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0
 
 
 def _up(mask: torch.Tensor, s: int) -> torch.Tensor:
@@ -342,6 +351,11 @@ def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, thres
     return ((mean > threshold) | (peak > MAX_FACTOR * threshold))[0, 0]
 
 
+def _check_family(model) -> None:
+    if model.family != "tiny":
+        raise Unsupported(f"sparse cache: the {model.family} family is not supported (tiny only)")
+
+
 class _SparseCoder:
     """Reference input, scene-cut and refresh policy, and statistics around one SparseNetCache."""
 
@@ -364,7 +378,7 @@ class _SparseCoder:
         else:
             changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit)
             count = int(changed.sum())
-            if count > CUT_FRACTION * net.cells:
+            if _dilate(changed).sum() > CUT_FRACTION * net.cells:
                 changed = None  # scene cut
         if changed is None:
             out, flops = net.dense(prepare(raw))
@@ -388,6 +402,7 @@ class SparseEncoderCache(_SparseCoder):
     """
 
     def __init__(self, model, height: int, width: int, cache="exact", refresh=None, prepare=None):
+        _check_family(model)
         self.model, self.prepare = model, prepare
         net = SparseNetCache(model.encoder, CELL, height // CELL, width // CELL, parse_mode(cache), model.device)
         super().__init__(net, cache, refresh, unit=1.0, cell=CELL)
@@ -408,6 +423,7 @@ class SparseDecoderCache(_SparseCoder):
     """scaled latents (N, C, h, w) -> images (N, 3, 8h, 8w) nominally [-1, 1], as ``model.decode``."""
 
     def __init__(self, model, rows: int, cols: int, cache="exact", refresh=None, unit: float = 127.5):
+        _check_family(model)
         self.model = model
         net = SparseNetCache(model.decoder, 1, rows, cols, parse_mode(cache), model.device)
         super().__init__(net, cache, refresh, unit=unit, cell=1)

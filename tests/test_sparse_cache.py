@@ -169,3 +169,32 @@ def test_unsupported_layers_are_refused():
         SparseNetCache(build("taef2", width=8).encoder, 8, 2, 2, 1.0, torch.device("cpu"))
     with pytest.raises(Unsupported, match="Upsample"):
         SparseNetCache(build("taesd", width=8).decoder, 1, 2, 2, 1.0, torch.device("cpu"))
+
+
+def test_coder_uses_the_sparse_cache_for_a_threshold_and_keeps_exact_bit_identical(tmp_path):
+    from helpers import moving_square_frames
+
+    from codec.coder import CoderOptions, FrameDecoder, FrameEncoder
+    from codec.pipeline import roundtrip_video
+
+    model = small()
+    frames = moving_square_frames(6, 50, 70)  # padded to 56 x 72
+    enc = FrameEncoder(model, 50, 70, CoderOptions(cache="2"))
+    dec = FrameDecoder(model, 50, 70, CoderOptions(cache="2"))
+    assert enc.sparse is not None and dec.sparse is not None and enc.plan.tile is None
+    z = enc(frames)
+    off = FrameEncoder(model, 50, 70, CoderOptions(cache="off"))(frames)
+    assert z.dtype == torch.float32 and z.shape == off.shape
+    assert (z - off).abs().max() < 0.1 * off.abs().max()
+    out = dec(z)
+    assert out.shape == frames.shape and out.dtype == torch.uint8
+    assert 0 < enc.stats.flop_fraction < 1 and enc.stats.flops_per_frame[0] == 1.0
+    exact = FrameEncoder(model, 50, 70, CoderOptions(cache="exact"))
+    assert exact.sparse is None and torch.equal(exact(frames), off)  # exact: the bit-identical tile cache
+    need = enc.sparse.net.memory_bytes(4)
+    small_budget = FrameEncoder(model, 50, 70, CoderOptions(cache="2", max_memory=need - 1))
+    assert small_budget.sparse is None  # cached activations over the budget: the tiled path
+    from helpers import write_clip
+    src = write_clip(tmp_path / "in.mp4", frames)
+    e, d = roundtrip_video(src, tmp_path / "out.mp4", model, options=CoderOptions(cache="2"))
+    assert e.flop_fraction is not None and len(e.flops_per_frame) == 6 and len(d.flops_per_frame) == 6
