@@ -2,8 +2,9 @@
 
 For each clip, the first ``--frames`` frames (a centre crop of ``--crop`` px when the frame is
 larger: the sensor and compression noise stay native) go through FrameEncoder then FrameDecoder
-with each cache mode. Repetitions are interleaved (rep 1: off, exact, T..., rep 2: ...), and
-times are reported as same-run ratios to `off` (median over repetitions): the CPU is shared.
+with each cache mode, one frame at a time, all modes interleaved frame by frame (the CPU is
+shared and its load swings within seconds); times are same-run ratios to `off` (median over
+repetitions, each a fresh pass over the clip).
 PSNR of the decoded frames against `off`'s decoded frames and against the source.
 
     PYTHONPATH=$PWD python bench/sparse_cache.py --frames 24 --reps 2 --out bench/results/sparse_cache
@@ -29,6 +30,17 @@ CLIPS = {"squirrel.mp4": "static", "smpte-2997.mp4": "static",
          "clip_01_tears_of_steel.mp4": "moving", "chaplin.mp4": "moving"}
 
 
+def versions() -> dict:
+    import platform
+    import subprocess
+
+    import codec
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"codec": codec.__version__, "git": commit, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
 def read_clip(path: Path, frames: int, crop: tuple[int, int]) -> np.ndarray:
     """(N, h, w, 3) uint8: the first frames, centre-cropped to at most crop (w, h)."""
     with FrameReader(path, start=0, end=frames, batch=frames) as r:
@@ -38,22 +50,47 @@ def read_clip(path: Path, frames: int, crop: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(x[:, y0:y0 + h, x0:x0 + w])
 
 
-def run_mode(model, clip: np.ndarray, mode: str, batch: int):
-    """Encode then decode the clip with one cache mode: times (s), decoded frames, FLOP counts."""
+def run_clip(model, clip: np.ndarray, modes: list[str], reps: int) -> dict:
+    """Encode then decode the clip with every cache mode, interleaved frame by frame (each mode
+    keeps its own cache state; the order of the modes rotates per frame and repetition) so that
+    the load of a shared CPU falls on all modes alike. Returns per mode: summed times (s) per
+    repetition, decoded frames and the cache statistics of the first repetition."""
     n, h, w, _ = clip.shape
-    enc = FrameEncoder(model, h, w, CoderOptions(cache=mode))
-    dec = FrameDecoder(model, h, w, CoderOptions(cache=mode))
-    t0 = time.perf_counter()
-    z = torch.cat([enc(clip[i:i + batch]) for i in range(0, n, batch)])
-    t1 = time.perf_counter()
-    out = torch.cat([dec(z[i:i + batch]) for i in range(0, n, batch)]).numpy()
-    t2 = time.perf_counter()
-    flops = {}
-    for name, c in (("enc", enc), ("dec", dec)):
-        s = c.stats
-        flops[name] = (s.flops, s.dense_flops, list(s.flops_per_frame)) if c.sparse is not None else None
-        flops[name + "_hits"] = s.hit_rate
-    return t1 - t0, t2 - t1, out, flops
+
+    def pair(mode):
+        return FrameEncoder(model, h, w, CoderOptions(cache=mode)), FrameDecoder(model, h, w, CoderOptions(cache=mode))
+
+    enc, dec = pair("off")
+    dec(enc(clip[:1]))  # warm-up
+    out = {m: {"enc_s": [0.0] * reps, "dec_s": [0.0] * reps, "frames": []} for m in modes}
+    for rep in range(reps):
+        coders = {m: pair(m) for m in modes}
+        for i in range(n):
+            k = (i + rep) % len(modes)
+            for m in modes[k:] + modes[:k]:
+                enc, dec = coders[m]
+                t0 = time.perf_counter()
+                z = enc(clip[i:i + 1])
+                t1 = time.perf_counter()
+                frame = dec(z).numpy()
+                t2 = time.perf_counter()
+                out[m]["enc_s"][rep] += t1 - t0
+                out[m]["dec_s"][rep] += t2 - t1
+                if rep == 0:
+                    out[m]["frames"].append(frame)
+        if rep == 0:
+            for m, (enc, dec) in coders.items():
+                out[m]["stats"] = {}
+                for name, c in (("enc", enc), ("dec", dec)):
+                    s = c.stats
+                    sparse = c.sparse is not None
+                    out[m]["stats"][name] = (s.flops, s.dense_flops, list(s.flops_per_frame)) if sparse else None
+                    out[m]["stats"][name + "_hits"] = s.hit_rate
+        print(f"rep {rep}: " + ", ".join(f"{m} {out[m]['enc_s'][rep]:.1f}+{out[m]['dec_s'][rep]:.1f} s" for m in modes),
+              flush=True)
+    for m in modes:
+        out[m]["frames"] = np.concatenate(out[m]["frames"])
+    return out
 
 
 def main() -> None:
@@ -65,46 +102,42 @@ def main() -> None:
     p.add_argument("--crop", default="640x360", help="W x H centre crop of larger frames")
     p.add_argument("--modes", nargs="*", default=["exact", "4", "8", "16"])
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default="bench/results/sparse_cache")
     args = p.parse_args()
     crop = tuple(int(v) for v in args.crop.split("x"))
     model = load_model(args.model)
     torch.set_grad_enabled(False)
     results = {"model": args.model, "frames": args.frames, "crop": args.crop, "reps": args.reps,
-               "threads": torch.get_num_threads(), "device": "cpu", "clips": {}}
+               "threads": torch.get_num_threads(), "device": "cpu", "versions": versions(), "clips": {}}
+    modes = ["off", *args.modes]
     for name in args.clips:
         clip = read_clip(Path(args.data) / name, args.frames, crop)
-        rows: dict[str, dict] = {}
-        times: dict[str, list] = {m: [] for m in ["off", *args.modes]}
-        for rep in range(args.reps):
-            for mode in ["off", *args.modes]:
-                te, td, out, flops = run_mode(model, clip, mode, args.batch)
-                times[mode].append((te, td))
-                if rep == 0:
-                    rows[mode] = {"flops": flops, "out": out}
-                print(f"{name} rep {rep} {mode}: encode {te:.1f} s, decode {td:.1f} s", flush=True)
-        off_out = rows["off"]["out"]
+        print(name, clip.shape, flush=True)
+        runs = run_clip(model, clip, modes, args.reps)
+        off = runs["off"]
         table = {}
-        for mode in ["off", *args.modes]:
-            ratios = [((te + td) / (to_e + to_d), te / to_e, td / to_d)
-                      for (te, td), (to_e, to_d) in zip(times[mode], times["off"])]
-            f = rows[mode]["flops"]
+        for mode in modes:
+            r = runs[mode]
+            ratios = [((e + d) / (oe + od), e / oe, d / od)
+                      for e, d, oe, od in zip(r["enc_s"], r["dec_s"], off["enc_s"], off["dec_s"])]
+            f = r["stats"]
             frac = {k: (f[k][0] / f[k][1] if f[k] else 1.0) for k in ("enc", "dec")}
             sparse = f["enc"] and f["dec"]
             table[mode] = {
-                "time_ratio": statistics.median(r[0] for r in ratios),
-                "encode_ratio": statistics.median(r[1] for r in ratios),
-                "decode_ratio": statistics.median(r[2] for r in ratios),
-                "encode_s_per_frame": statistics.median(t[0] for t in times[mode]) / len(clip),
-                "decode_s_per_frame": statistics.median(t[1] for t in times[mode]) / len(clip),
+                "time_ratio": statistics.median(x[0] for x in ratios),
+                "encode_ratio": statistics.median(x[1] for x in ratios),
+                "decode_ratio": statistics.median(x[2] for x in ratios),
+                "time_ratio_per_rep": [x[0] for x in ratios],
+                "encode_s_per_frame": statistics.median(r["enc_s"]) / len(clip),
+                "decode_s_per_frame": statistics.median(r["dec_s"]) / len(clip),
                 "flop_fraction_encode": frac["enc"], "flop_fraction_decode": frac["dec"],
                 "flop_fraction": (f["enc"][0] + f["dec"][0]) / (f["enc"][1] + f["dec"][1]) if sparse else 1.0,
                 "flops_per_frame_encode": f["enc"][2] if f["enc"] else None,
                 "flops_per_frame_decode": f["dec"][2] if f["dec"] else None,
                 "hit_rate_encode": f["enc_hits"], "hit_rate_decode": f["dec_hits"],
-                "psnr_vs_source": float(np.mean(psnr(rows[mode]["out"], clip))),
-                "psnr_vs_off": float(np.mean(np.minimum(psnr(rows[mode]["out"], off_out), 100.0))),
+                "psnr_vs_source": float(np.mean(psnr(r["frames"], clip))),
+                # frames identical to off's have infinite PSNR: capped at 100 dB for the mean
+                "psnr_vs_off": float(np.mean(np.minimum(psnr(r["frames"], off["frames"]), 100.0))),
             }
         results["clips"][name] = {"kind": CLIPS.get(name, "?"), "size": list(clip.shape[1:3]), "modes": table}
         write(results, Path(args.out))
@@ -115,8 +148,8 @@ def write(results: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [f"# Sparse temporal cache, CPU ({results['threads']} threads, shared machine)", "",
              f"Model `{results['model']}`, first {results['frames']} frames, centre crop {results['crop']} "
-             f"(native pixels), {results['reps']} interleaved repetitions; times are the median same-run "
-             "ratio to `off`.", "",
+             f"(native pixels), modes interleaved frame by frame, {results['reps']} repetitions; times are "
+             "the median same-run ratio to `off` (one frame per call).", "",
              "| clip | kind | mode | FLOPs enc / dec | time enc+dec vs off | enc | dec | s/frame enc+dec "
              "| PSNR vs source (dB) | loss vs off's (dB) | PSNR vs off (dB) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

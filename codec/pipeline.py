@@ -57,7 +57,8 @@ class RunReport:
         return float(np.percentile(self.latency_ms, q)) if self.latency_ms else 0.0
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "cache_per_frame", "flops_per_frame", "psnr", "ssim")}
+        per_frame = ("latency_ms", "cache_per_frame", "flops_per_frame", "psnr", "ssim")
+        out = {k: v for k, v in asdict(self).items() if k not in per_frame}
         out.update(fps=self.fps, p50_ms=self.percentile(50), p95_ms=self.percentile(95), p99_ms=self.percentile(99))
         if self.psnr:
             out.update(mean_psnr=float(np.mean(self.psnr)), mean_ssim=float(np.mean(self.ssim)))

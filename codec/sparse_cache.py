@@ -23,11 +23,13 @@ For a new frame:
   cached value and is not propagated: a change that died out stops spreading;
 - a refresh every ``refresh`` frames and on a scene cut (the changed input cells with their halo
   are more than ``CUT_FRACTION`` of the frame: a sparse pass would cost more than a dense one)
-  runs the dense model and keeps its activations (no copies: the dense outputs become the cache). Once a conv would recompute more than ``DENSE_FRACTION`` of the cells, the
-  rest of the network runs densely for that frame (its cache becomes the exact dense result).
+  runs the dense model and keeps its activations (no copies: the dense outputs become the cache).
+  Once a conv would recompute more than ``DENSE_FRACTION`` of the cells, the rest of the network
+  runs densely for that frame (its cache becomes the exact dense result).
 
-Not supported here (callers fall back to the tiled path): GroupNorm branches (taef2's middle
-blocks), nearest-upsample decoders, the KL family.
+GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
+frame with the frame's own statistics and merged cell by cell. Not supported (callers fall back
+to the tiled path): the KL family.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 from .cache import CacheStats, parse_mode
 from .models.tiny import Block, Clamp
@@ -68,6 +72,7 @@ class ConvStep:
     scale_out: int
     unshuffle: bool = False
     shuffle: bool = False
+    upsample: bool = False  # nearest 2x upsample before the conv, run as kernels.upsample_conv3x3
     residual: int | None = None
     relu: bool = False
 
@@ -80,7 +85,10 @@ class ConvStep:
         return self.conv.padding_mode == "zeros"
 
     def flops_per_cell(self) -> int:
-        """Multiply-adds x 2 of the conv for one cell of its output."""
+        """Multiply-adds x 2 of the conv for one cell of its output (the upsample conv runs as a
+        2x2 conv with 4x the outputs on the small input, as the model runs it)."""
+        if self.upsample:
+            return 2 * 16 * self.conv.weight[:, :, 0, 0].numel() * self.scale_in ** 2
         px = self.scale_in if self.shuffle else self.scale_out
         return 2 * self.conv.weight.numel() * px * px
 
@@ -88,7 +96,10 @@ class ConvStep:
         """The dense layer, the same calls the model makes: (1, C, H, W) -> (1, C', H', W')."""
         if self.unshuffle:
             x = F.pixel_unshuffle(x, 2)
-        y = self.conv(x)
+        if self.upsample:
+            y = kernels.upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+        else:
+            y = self.conv(x)
         if self.shuffle:
             y = F.pixel_shuffle(y, 2)
         if res is not None:
@@ -100,10 +111,41 @@ class ConvStep:
         x = patches.permute(0, 3, 1, 2)  # channels_last view
         if self.unshuffle:
             x = F.pixel_unshuffle(x, 2)
+        if self.upsample:  # the four output phases of upsample + conv, as kernels.upsample_conv3x3
+            w = kernels.fold_weight(self.conv.weight).to(x.dtype)
+            phases = F.conv2d(x, w)  # (B, 4 Cout, s + 1, s + 1)
+            b, cout, s = x.shape[0], self.conv.out_channels, x.shape[-1] - 2
+            y = x.new_empty((b, cout, 2 * s, 2 * s))
+            for p, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                y[:, :, i::2, j::2] = phases[:, p * cout:(p + 1) * cout, i:i + s, j:j + s]
+            if self.conv.bias is not None:
+                y += self.conv.bias.to(x.dtype).view(1, -1, 1, 1)
+            return y.permute(0, 2, 3, 1)
         y = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride)
         if self.shuffle:
             y = F.pixel_shuffle(y, 2)
         return y.permute(0, 2, 3, 1)
+
+
+@dataclass
+class NormBlockStep:
+    """A residual block with a GroupNorm branch (taef2's middle blocks), recomputed densely on the
+    whole frame every frame: GroupNorm statistics span the frame, and these blocks sit at the
+    latent resolution (a small share of the FLOPs). Its output is merged cell by cell."""
+
+    block: Block
+    src: int
+    dst: int
+    scale_in: int
+    scale_out: int
+    residual = None
+
+    def flops_per_cell(self) -> int:
+        convs = [m for m in self.block.modules() if isinstance(m, nn.Conv2d)]
+        return 2 * sum(c.weight.numel() for c in convs) * self.scale_out ** 2
+
+    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
+        return self.block(x)
 
 
 def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[int]]:
@@ -139,9 +181,16 @@ def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[
         elif isinstance(m, nn.PixelUnshuffle) and isinstance(nxt, nn.Conv2d) and m.downscale_factor == 2:
             _check_conv(nxt)
             cur, scale, i = add(nxt, cur, scale, scale // 2, unshuffle=True), scale // 2, i + 2
+        elif isinstance(m, Block) and m.pool is not None:
+            steps.append(NormBlockStep(m, cur, len(channels), scale, scale))
+            channels.append(m.conv[0].out_channels)
+            cur, i = len(channels) - 1, i + 1
+        elif isinstance(m, nn.Upsample) and isinstance(nxt, nn.Conv2d) and m.scale_factor == 2 and m.mode == "nearest":
+            _check_conv(nxt)
+            cur, scale, i = add(nxt, cur, scale, scale * 2, upsample=True), scale * 2, i + 2
+            if isinstance(items[i] if i < len(items) else None, nn.ReLU):
+                raise Unsupported("sparse cache: ReLU after an upsample conv")
         elif isinstance(m, Block):
-            if m.pool is not None:
-                raise Unsupported("sparse cache: GroupNorm branches (taef2's middle blocks) are not supported")
             c0, c1, c2 = m.conv[0], m.conv[2], m.conv[4]
             for c in (c0, c1, c2):
                 _check_conv(c)
@@ -263,6 +312,11 @@ class SparseNetCache:
         self.counts = []  # cells recomputed per step (self.cells: dense)
         dense = False
         for st in self.steps:
+            if not dense and isinstance(st, NormBlockStep):
+                masks[st.dst], count = self._merge_dense(st), self.cells
+                self.counts.append(count)
+                flops += count * st.flops_per_cell()
+                continue
             if not dense:
                 need = _dilate(masks[st.src])  # the halo
                 if st.residual is not None:
@@ -283,6 +337,19 @@ class SparseNetCache:
             self.counts.append(count)
             flops += count * st.flops_per_cell()
         return self.buffers[-1], flops
+
+    def _merge_dense(self, st: NormBlockStep) -> torch.Tensor:
+        """Recompute a step on the whole frame; keep the new value of the cells that moved more
+        than the threshold, the cached value elsewhere. Returns the kept cells."""
+        y = _nhwc(st.dense(self.buffers[st.src], None))
+        old, s = self.buffers[st.dst], st.scale_out
+        if self.threshold == 0:
+            keep = F.max_pool2d((y != old).any(1, keepdim=True).float(), s)[0, 0] > 0
+        else:
+            keep = F.avg_pool2d((y - old).abs().mean(1, keepdim=True), s)[0, 0] > self._tau(st)
+            y = _nhwc(torch.where(_up(keep, s), y, old))
+        self.buffers[st.dst] = y
+        return keep
 
     def _tau(self, st: ConvStep) -> torch.Tensor | float:
         return ACT_FACTOR * self.threshold / 255.0 * self.act_scale[st.dst]
