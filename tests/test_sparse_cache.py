@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kernels
 from codec.models import build
-from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, SparseNetCache, Unsupported, cell_change
+from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported, cell_change
 
 
 def prepare(model):
