@@ -310,11 +310,13 @@ class SparseNetCache:
         self.buffers[0], masks[0] = x, changed
         flops = 0
         self.counts = []  # cells recomputed per step (self.cells: dense)
+        self.ran = []  # cells run per step: counts padded to a bucket size
         dense = False
         for st in self.steps:
             if not dense and isinstance(st, NormBlockStep):
                 masks[st.dst], count = self._merge_dense(st), self.cells
                 self.counts.append(count)
+                self.ran.append(count)
                 flops += count * st.flops_per_cell()
                 continue
             if not dense:
@@ -329,13 +331,18 @@ class SparseNetCache:
             if dense:
                 res = self.buffers[st.residual] if st.residual is not None else None
                 self.buffers[st.dst] = _nhwc(st.dense(self.buffers[st.src], res))
-                count = self.cells
+                count = ran = self.cells
             elif count == 0:
-                masks[st.dst] = need
+                masks[st.dst], ran = need, 0
             else:
+                # a few batch sizes: oneDNN/cuDNN plan (and CUDA graphs capture) once per shape;
+                # the padding repeats the last cell (written twice with the same values)
+                ran = min(bucket(count), self.cells)
+                cells = torch.cat([cells, cells[-1:].expand(ran - count)])
                 masks[st.dst] = self._sparse_step(st, cells)
             self.counts.append(count)
-            flops += count * st.flops_per_cell()
+            self.ran.append(ran)
+            flops += ran * st.flops_per_cell()
         return self.buffers[-1], flops
 
     def _merge_dense(self, st: NormBlockStep) -> torch.Tensor:
@@ -382,6 +389,14 @@ class SparseNetCache:
         mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
         mask[cells] = keep
         return mask.view(self.rows, self.cols)
+
+
+def bucket(n: int) -> int:
+    """n rounded up to one of 8 sizes per octave (at most 12.5% padding), at least 16."""
+    if n <= 16:
+        return 16
+    q = 1 << (n.bit_length() - 4)
+    return -(-n // q) * q
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
