@@ -122,6 +122,8 @@ def check_output_paths(args) -> None:
 def _print_run(name: str, r) -> None:
     s = r.summary()
     cache = f", cache hits {100 * s['cache_hit_rate']:.1f}%" if r.cache_per_frame else ""
+    if s.get("flop_fraction") is not None:
+        cache += f", {100 * s['flop_fraction']:.1f}% of the FLOPs"
     print(f"{name}: {s['frames']} frames in {s['seconds']:.2f} s ({s['fps']:.2f} fps), latency p50 "
           f"{s['p50_ms']:.1f} ms p95 {s['p95_ms']:.1f} ms{cache}, peak host {s['peak_host_mb']:.0f} MiB"
           + (f", peak device {s['peak_device_mb']:.0f} MiB" if s["peak_device_mb"] else "")

@@ -19,6 +19,7 @@ from .cache import TemporalCache
 from .global_norm import GlobalNorm
 from .models import Autoencoder
 from .models.layers import GroupNormAct
+from .sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
 from .tiling import TileLayout, TilePlan, activation_bytes, plan_tiles
 
 NORM_MODES = ("auto", "tile", "global")
@@ -80,8 +81,19 @@ class _TiledCoder:
         self.h8, self.w8 = round_up(height, f), round_up(width, f)
         budget = options.max_memory or default_budget(model.device)
         self.cache = TemporalCache(options.cache, options.refresh, unit=unit)
+        # A threshold cache on a whole frame runs the per-layer sparse cache when the model allows
+        # it (tiny family, no GroupNorm) and its activations fit the budget; `exact` stays with
+        # the tile cache: packed convs round differently from the dense conv, exact must not.
+        self.sparse = None
+        if self.cache.threshold and options.tile is None:
+            try:
+                self.sparse = self._sparse_cache()
+            except Unsupported:
+                pass
+            if self.sparse is not None and self.sparse.net.memory_bytes(model.dtype.itemsize) > budget:
+                self.sparse = None
         tile = options.tile
-        if tile is None and self.cache.threshold and max(self.h8, self.w8) > CACHE_TILE:
+        if tile is None and self.sparse is None and self.cache.threshold and max(self.h8, self.w8) > CACHE_TILE:
             tile = CACHE_TILE  # a threshold cache works per tile: whole frames rarely stay still
         self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, decode=decode,
                                          batch=options.batch, tile=tile, overlap=options.overlap)
@@ -97,7 +109,7 @@ class _TiledCoder:
 
     @property
     def stats(self):
-        return self.cache.stats
+        return self.sparse.stats if self.sparse is not None else self.cache.stats
 
     def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
         """fn over x in chunks of the planned batch."""
@@ -146,6 +158,10 @@ class FrameEncoder(_TiledCoder):
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
         super().__init__(model, height, width, options or CoderOptions(), unit=1.0, decode=False)
 
+    def _sparse_cache(self) -> SparseEncoderCache:
+        prepare = lambda t: kernels.frames_to_input(t, dtype=self.model.dtype, channels_last=True)  # noqa: E731
+        return SparseEncoderCache(self.model, self.h8, self.w8, self.options.cache, self.options.refresh, prepare)
+
     @property
     def padding(self) -> tuple[int, int]:
         """(pad_bottom, pad_right) in pixels."""
@@ -160,6 +176,8 @@ class FrameEncoder(_TiledCoder):
                              f"got {tuple(frames.shape)} {frames.dtype}")
         n = frames.shape[0]
         padded = pad_edge(frames, self.h8, self.w8)
+        if self.sparse is not None:
+            return self.sparse(padded).float()
         tiles = self.layout.extract(padded, scale=self.model.downscale, channels_last=True)
         def prepare(t: torch.Tensor) -> torch.Tensor:
             # channels_last on every device: cuDNN and oneDNN convolutions are fastest in NHWC
@@ -180,6 +198,10 @@ class FrameDecoder(_TiledCoder):
     def __init__(self, model: Autoencoder, height: int, width: int, options: CoderOptions | None = None):
         super().__init__(model, height, width, options or CoderOptions(), unit=127.5, decode=True)
 
+    def _sparse_cache(self) -> SparseDecoderCache:
+        f = self.model.downscale
+        return SparseDecoderCache(self.model, self.h8 // f, self.w8 // f, self.options.cache, self.options.refresh)
+
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (N, C, H8/8, W8/8) -> frames (N, H, W, 3) uint8 on the model's device."""
@@ -189,6 +211,8 @@ class FrameDecoder(_TiledCoder):
         if latents.ndim != 4 or tuple(latents.shape[1:]) != want:
             raise ValueError(f"expected latents (N, {', '.join(map(str, want))}), got {tuple(latents.shape)}")
         n = latents.shape[0]
+        if self.sparse is not None:
+            return kernels.output_to_frames(self.sparse(latents), self.height, self.width)
         tiles = self.layout.extract(latents, scale=1)
 
         def prepare(t: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ class RunReport:
     latency_ms: list[float] = field(default_factory=list)
     cache_hit_rate: float = 0.0
     cache_per_frame: list[float] = field(default_factory=list)
+    flop_fraction: float | None = None  # fraction of the dense model's FLOPs that ran (sparse cache)
+    flops_per_frame: list[float] = field(default_factory=list)
     fp32_fallbacks: int = 0
     peak_host_mb: float = 0.0
     peak_device_mb: float | None = None
@@ -61,7 +63,8 @@ class RunReport:
         return float(np.percentile(self.latency_ms, q)) if self.latency_ms else 0.0
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "cache_per_frame", "psnr", "ssim")}
+        per_frame = ("latency_ms", "cache_per_frame", "flops_per_frame", "psnr", "ssim")
+        out = {k: v for k, v in asdict(self).items() if k not in per_frame}
         out.update(fps=self.fps, p50_ms=self.percentile(50), p95_ms=self.percentile(95), p99_ms=self.percentile(99))
         if self.psnr:
             out.update(mean_psnr=float(np.mean(self.psnr)), mean_ssim=float(np.mean(self.ssim)))
@@ -71,6 +74,8 @@ class RunReport:
 def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: CacheStats) -> RunReport:
     report.seconds = now() - start
     report.cache_hit_rate, report.cache_per_frame = stats.hit_rate, list(stats.per_frame)
+    if hasattr(stats, "flop_fraction"):  # the sparse cache counts the FLOPs of the blocks it ran
+        report.flop_fraction, report.flops_per_frame = stats.flop_fraction, list(stats.flops_per_frame)
     report.fp32_fallbacks = model.fp32_fallbacks
     report.peak_host_mb = peak_host_mb()
     if model.device.type == "cuda":

@@ -1,0 +1,516 @@
+"""Sparse temporal cache: per-layer activations, recompute only the blocks that changed.
+
+DeltaCNN / CBinfer / SBNet style, for the tiny family (3x3 convs, ReLU, residual blocks, pixel
+(un)shuffle or stride-2 resampling). The frame is cut into cells, one latent cell each (8x8 px at
+the model input, 4x4 after one 2x step, ..., 1x1 at the latent): the same cell grid at every
+layer. Per layer the cache keeps the activations of the whole frame (NHWC, on the model's device).
+
+For a new frame:
+- change is decided per cell of the input against the cell's REFERENCE, the input the cached
+  values were computed from (never the previous frame, so there is no drift): mean absolute change
+  over the cell and the largest change of a 2x2-pooled window (single-pixel noise averages out;
+  a small object does not);
+- each conv recomputes the cells its changed input reaches: the changed cells of its input dilated
+  by one cell (a 3x3 conv reads 1 px around, 2 px after an unshuffle: always within the next
+  cell). The cells are gathered with that halo into one packed batch ``(B, P, P, C)`` (zeros or
+  replicated edge outside the frame, as the dense conv pads), run through the same conv weights
+  with no padding, and scattered into the cached output. Over a block with its full halo this is
+  the dense convolution at that block up to rounding: oneDNN picks its algorithm by shape, so
+  the packed result is not bit-identical (tested: 1e-7). So ``exact`` (tolerance 0: reuse only
+  bit-identical input, keep any changed output) equals the dense model to rounding only; the
+  codec's bit-identical ``exact`` mode stays with the tile cache (codec.coder);
+- after each conv, a recomputed cell whose output moved less than the layer's threshold keeps its
+  cached value and is not propagated: a change that died out stops spreading;
+- a refresh every ``refresh`` frames and on a scene cut (the changed input cells with their halo
+  are more than ``CUT_FRACTION`` of the frame: a sparse pass would cost more than a dense one)
+  runs the dense model and keeps its activations (no copies: the dense outputs become the cache).
+  Once a conv would recompute more than ``DENSE_FRACTION`` of the cells, the rest of the network
+  runs densely for that frame (its cache becomes the exact dense result).
+
+GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
+frame with the frame's own statistics and merged cell by cell. Not supported (callers fall back
+to the tiled path): the KL family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .cache import CacheStats, parse_mode
+from .models.tiny import Block, Clamp
+
+CELL = 8  # px per cell at the model's full resolution (one latent cell)
+MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
+CUT_FRACTION = 0.3  # more cells than this to recompute at the first conv: scene cut, dense refresh
+DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
+ACT_FACTOR = 0.25  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
+
+
+class Unsupported(ValueError):
+    """The model has a layer the sparse cache does not handle."""
+
+
+@dataclass
+class ConvStep:
+    """One 3x3 conv of the network: buffer ``src`` -> buffer ``dst``.
+
+    ``scale_in``/``scale_out``: px per cell at the two resolutions. ``unshuffle``: pixel-unshuffle
+    (2x) before the conv; ``shuffle``: pixel-shuffle (2x) after it; ``residual``: buffer added
+    before the ReLU (the skip of a residual block); ``relu``: ReLU after.
+    """
+
+    conv: nn.Conv2d
+    src: int
+    dst: int
+    scale_in: int
+    scale_out: int
+    unshuffle: bool = False
+    shuffle: bool = False
+    upsample: bool = False  # nearest 2x upsample before the conv, run as kernels.upsample_conv3x3
+    residual: int | None = None
+    relu: bool = False
+
+    @property
+    def halo(self) -> int:  # px of the source the conv reads around a cell
+        return 2 if self.unshuffle else 1
+
+    @property
+    def zero_pad(self) -> bool:
+        return self.conv.padding_mode == "zeros"
+
+    def flops_per_cell(self) -> int:
+        """Multiply-adds x 2 of the conv for one cell of its output (the upsample conv runs as a
+        2x2 conv with 4x the outputs on the small input, as the model runs it)."""
+        if self.upsample:
+            return 2 * 16 * self.conv.weight[:, :, 0, 0].numel() * self.scale_in ** 2
+        px = self.scale_in if self.shuffle else self.scale_out
+        return 2 * self.conv.weight.numel() * px * px
+
+    def dense(self, x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        """The dense layer, the same calls the model makes: (1, C, H, W) -> (1, C', H', W')."""
+        if self.unshuffle:
+            x = F.pixel_unshuffle(x, 2)
+        if self.upsample:
+            y = kernels.upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+        else:
+            y = self.conv(x)
+        if self.shuffle:
+            y = F.pixel_shuffle(y, 2)
+        if res is not None:
+            y = y + res
+        return torch.relu(y) if self.relu else y
+
+    def packed(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, P, Cin) patches with their halo -> (B, s, s, Cout) cells (before the residual)."""
+        x = patches.permute(0, 3, 1, 2)  # channels_last view
+        if self.unshuffle:
+            x = F.pixel_unshuffle(x, 2)
+        if self.upsample:  # the four output phases of upsample + conv, as kernels.upsample_conv3x3
+            w = kernels.fold_weight(self.conv.weight).to(x.dtype)
+            phases = F.conv2d(x, w)  # (B, 4 Cout, s + 1, s + 1)
+            b, cout, s = x.shape[0], self.conv.out_channels, x.shape[-1] - 2
+            y = x.new_empty((b, cout, 2 * s, 2 * s))
+            for p, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                y[:, :, i::2, j::2] = phases[:, p * cout:(p + 1) * cout, i:i + s, j:j + s]
+            if self.conv.bias is not None:
+                y += self.conv.bias.to(x.dtype).view(1, -1, 1, 1)
+            return y.permute(0, 2, 3, 1)
+        y = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride)
+        if self.shuffle:
+            y = F.pixel_shuffle(y, 2)
+        return y.permute(0, 2, 3, 1)
+
+
+@dataclass
+class NormBlockStep:
+    """A residual block with a GroupNorm branch (taef2's middle blocks), recomputed densely on the
+    whole frame every frame: GroupNorm statistics span the frame, and these blocks sit at the
+    latent resolution (a small share of the FLOPs). Its output is merged cell by cell."""
+
+    block: Block
+    src: int
+    dst: int
+    scale_in: int
+    scale_out: int
+    residual = None
+
+    def flops_per_cell(self) -> int:
+        convs = [m for m in self.block.modules() if isinstance(m, nn.Conv2d)]
+        return 2 * sum(c.weight.numel() for c in convs) * self.scale_out ** 2
+
+    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
+        return self.block(x)
+
+
+def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[int]]:
+    """The conv steps of a tiny encoder (``scale`` 8) or decoder (``scale`` 1), and the channel
+    count of each buffer (buffer 0 is the network input). Raises :class:`Unsupported`."""
+    items = list(layers)
+    steps: list[ConvStep] = []
+    channels = [None]
+    cur = 0
+
+    def add(conv, src, s_in, s_out, **kw) -> int:
+        steps.append(ConvStep(conv, src, len(channels), s_in, s_out, **kw))
+        channels.append(conv.out_channels // (4 if kw.get("shuffle") else 1))
+        return len(channels) - 1
+
+    i = 0
+    while i < len(items):
+        m = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if isinstance(m, Clamp) and i == 0:
+            i += 1  # applied to the input, see SparseDecoderCache
+            continue
+        if isinstance(m, nn.Conv2d):
+            _check_conv(m)
+            stride = m.stride[0]
+            if isinstance(nxt, nn.PixelShuffle):
+                cur, scale, i = add(m, cur, scale, scale * 2, shuffle=True), scale * 2, i + 2
+            else:
+                relu = isinstance(nxt, nn.ReLU)
+                cur, scale, i = add(m, cur, scale, scale // stride, relu=relu), scale // stride, i + 1 + relu
+            if channels[0] is None:
+                channels[0] = m.in_channels
+        elif isinstance(m, nn.PixelUnshuffle) and isinstance(nxt, nn.Conv2d) and m.downscale_factor == 2:
+            _check_conv(nxt)
+            cur, scale, i = add(nxt, cur, scale, scale // 2, unshuffle=True), scale // 2, i + 2
+        elif isinstance(m, Block) and m.pool is not None:
+            steps.append(NormBlockStep(m, cur, len(channels), scale, scale))
+            channels.append(m.conv[0].out_channels)
+            cur, i = len(channels) - 1, i + 1
+        elif isinstance(m, nn.Upsample) and isinstance(nxt, nn.Conv2d) and m.scale_factor == 2 and m.mode == "nearest":
+            _check_conv(nxt)
+            cur, scale, i = add(nxt, cur, scale, scale * 2, upsample=True), scale * 2, i + 2
+            if isinstance(items[i] if i < len(items) else None, nn.ReLU):
+                raise Unsupported("sparse cache: ReLU after an upsample conv")
+        elif isinstance(m, Block):
+            c0, c1, c2 = m.conv[0], m.conv[2], m.conv[4]
+            for c in (c0, c1, c2):
+                _check_conv(c)
+            x = cur
+            a = add(c0, x, scale, scale, relu=True)
+            b = add(c1, a, scale, scale, relu=True)
+            cur = add(c2, b, scale, scale, residual=x, relu=True)
+            i += 1
+        else:
+            raise Unsupported(f"sparse cache: layer {type(m).__name__} is not supported")
+    return steps, channels
+
+
+def _check_conv(m: nn.Conv2d) -> None:
+    if (m.kernel_size != (3, 3) or m.padding != (1, 1) or m.dilation != (1, 1) or m.groups != 1
+            or m.stride[0] != m.stride[1] or m.stride[0] not in (1, 2)
+            or m.padding_mode not in ("zeros", "replicate")):
+        raise Unsupported(f"sparse cache: conv {m} is not a 3x3 conv with padding 1")
+
+
+@dataclass
+class SparseStats(CacheStats):
+    """Hit counts per input cell (``per_frame``: hit rate of each frame) and the FLOPs that ran:
+    ``flops_per_frame`` is each frame's fraction of the dense model's FLOPs."""
+
+    flops: int = 0
+    dense_flops: int = 0
+    flops_per_frame: list[float] = field(default_factory=list)
+
+    @property
+    def flop_fraction(self) -> float:
+        return self.flops / self.dense_flops if self.dense_flops else 1.0
+
+    def add_flops(self, ran: int, dense: int) -> None:
+        self.flops += ran
+        self.dense_flops += dense
+        self.flops_per_frame.append(ran / dense if dense else 1.0)
+
+
+class _CellIndex:
+    """Flat pixel indices of cells with a halo, for a (H, W) NHWC buffer cut into s x s cells."""
+
+    def __init__(self, height: int, width: int, s: int, halo: int, device: torch.device):
+        rows, cols = height // s, width // s
+        p = s + 2 * halo
+        y = torch.arange(rows, device=device)[:, None] * s - halo + torch.arange(p, device=device)  # (rows, p)
+        x = torch.arange(cols, device=device)[:, None] * s - halo + torch.arange(p, device=device)  # (cols, p)
+        valid_y, valid_x = (y >= 0) & (y < height), (x >= 0) & (x < width)
+        y, x = y.clamp(0, height - 1), x.clamp(0, width - 1)  # clamped = replicated edge
+        # (cells, p, p): cell (r, c) -> flat pixel index of each patch position
+        self.index = (y[:, None, :, None] * width + x[None, :, None, :]).reshape(rows * cols, p * p)
+        valid = (valid_y[:, None, :, None] & valid_x[None, :, None, :]).reshape(rows * cols, p, p, 1)
+        self.border = (~valid).flatten(1).any(1)  # cells whose patch reaches outside the frame
+        self.valid = valid
+        self.p = p
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(1, C, H, W) channels_last -> (H*W, C) view of the same memory."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+class SparseNetCache:
+    """The cached activations of one network (encoder or decoder) over whole frames.
+
+    ``rows, cols``: the cell grid (latent size); ``scale``: px per cell of the network input (8
+    for an encoder, 1 for a decoder). ``threshold``: None (no cache: dense every frame), 0.0
+    (exact) or T in uint8 levels.
+    """
+
+    def __init__(self, layers: nn.Sequential, scale: int, rows: int, cols: int, threshold: float | None,
+                 device: torch.device):
+        self.steps, self.channels = plan_steps(layers, scale)
+        self.rows, self.cols, self.scale, self.threshold = rows, cols, scale, threshold
+        self.device = device
+        self.cells = rows * cols
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.channels)
+        self.act_scale: list[torch.Tensor | None] = [None] * len(self.channels)
+        self._index: dict[tuple[int, int], _CellIndex] = {}
+        self.dense_flops = self.cells * sum(s.flops_per_cell() for s in self.steps)
+
+    def buffer_scale(self, b: int) -> int:
+        if b == 0:
+            return self.scale
+        return next(s.scale_out for s in self.steps if s.dst == b)
+
+    def memory_bytes(self, element_size: int) -> int:
+        """Bytes of the cached activations (every buffer at its resolution)."""
+        return sum(c * self.cells * self.buffer_scale(b) ** 2 * element_size for b, c in enumerate(self.channels))
+
+    def index(self, s: int, halo: int) -> _CellIndex:
+        key = (s, halo)
+        if key not in self._index:
+            self._index[key] = _CellIndex(self.rows * s, self.cols * s, s, halo, self.device)
+        return self._index[key]
+
+    # ---- a frame ---------------------------------------------------------------------------
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Run the whole network densely on x (1, C, H, W) and keep every activation."""
+        self.buffers[0] = x
+        for st in self.steps:
+            res = self.buffers[st.residual] if st.residual is not None else None
+            y = _nhwc(st.dense(self.buffers[st.src], res))
+            self.buffers[st.dst] = y
+            if self.threshold:  # a cheap estimate of the activations' magnitude (every 4th px)
+                self.act_scale[st.dst] = y[..., ::4, ::4].abs().mean()
+        return self.buffers[-1], self.dense_flops
+
+    def sparse(self, x: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x (1, C, H, W): the new input, equal to the cached one outside the ``changed`` cells
+        ((rows, cols) bool). Returns the output and the FLOPs that ran."""
+        masks: list[torch.Tensor | None] = [None] * len(self.buffers)
+        self.buffers[0], masks[0] = x, changed
+        flops = 0
+        self.counts = []  # cells recomputed per step (self.cells: dense)
+        self.ran = []  # cells run per step: counts padded to a bucket size
+        dense = False
+        for st in self.steps:
+            if not dense and isinstance(st, NormBlockStep):
+                masks[st.dst], count = self._merge_dense(st), self.cells
+                self.counts.append(count)
+                self.ran.append(count)
+                flops += count * st.flops_per_cell()
+                continue
+            if not dense:
+                need = _dilate(masks[st.src])  # the halo
+                if st.residual is not None:
+                    need |= masks[st.residual]
+                cells = need.flatten().nonzero().squeeze(1)
+                count = cells.numel()
+                # the change has spread over much of the frame: the rest of the network runs densely
+                # (its cache becomes the exact dense result: nothing to compare, nothing drifts)
+                dense = count > DENSE_FRACTION * self.cells
+            if dense:
+                res = self.buffers[st.residual] if st.residual is not None else None
+                self.buffers[st.dst] = _nhwc(st.dense(self.buffers[st.src], res))
+                count = ran = self.cells
+            elif count == 0:
+                masks[st.dst], ran = need, 0
+            else:
+                # a few batch sizes: oneDNN/cuDNN plan (and CUDA graphs capture) once per shape;
+                # the padding repeats the last cell (written twice with the same values)
+                ran = min(bucket(count), self.cells)
+                cells = torch.cat([cells, cells[-1:].expand(ran - count)])
+                masks[st.dst] = self._sparse_step(st, cells)
+            self.counts.append(count)
+            self.ran.append(ran)
+            flops += ran * st.flops_per_cell()
+        return self.buffers[-1], flops
+
+    def _merge_dense(self, st: NormBlockStep) -> torch.Tensor:
+        """Recompute a step on the whole frame; keep the new value of the cells that moved more
+        than the threshold, the cached value elsewhere. Returns the kept cells."""
+        y = _nhwc(st.dense(self.buffers[st.src], None))
+        old, s = self.buffers[st.dst], st.scale_out
+        if self.threshold == 0:
+            keep = F.max_pool2d((y != old).any(1, keepdim=True).float(), s)[0, 0] > 0
+        else:
+            keep = F.avg_pool2d((y - old).abs().mean(1, keepdim=True), s)[0, 0] > self._tau(st)
+            y = _nhwc(torch.where(_up(keep, s), y, old))
+        self.buffers[st.dst] = y
+        return keep
+
+    def _tau(self, st: ConvStep) -> torch.Tensor | float:
+        return ACT_FACTOR * self.threshold / 255.0 * self.act_scale[st.dst]
+
+    def _sparse_step(self, st: ConvStep, cells: torch.Tensor) -> torch.Tensor:
+        src, dst = self.buffers[st.src], self.buffers[st.dst]
+        ix = self.index(st.scale_in, st.halo)
+        patches = _flat(src).index_select(0, ix.index[cells].flatten()).view(cells.numel(), ix.p, ix.p, -1)
+        if st.zero_pad:  # the dense conv reads zeros outside the frame
+            edge = ix.border[cells].nonzero().squeeze(1)
+            if edge.numel():
+                patches[edge] = patches[edge] * ix.valid[cells[edge]]
+        y = st.packed(patches)
+        out_ix = self.index(st.scale_out, 0).index[cells].flatten()
+        if st.residual is not None:
+            y = y + _flat(self.buffers[st.residual]).index_select(0, out_ix).view_as(y)
+        if st.relu:
+            y = y.relu_()
+        old = _flat(dst).index_select(0, out_ix).view_as(y)
+        if self.threshold == 0:
+            keep = (y != old).flatten(1).any(1)
+        else:
+            keep = (y - old).abs_().mean((1, 2, 3)) > self._tau(st)
+        if y.device.type == "cuda":  # no host sync: write every recomputed cell, the kept ones new
+            y = torch.where(keep[:, None, None, None], y, old)
+        else:  # write only the kept cells (fewer bytes; the CPU syncs anyway)
+            sel = keep.nonzero().squeeze(1)
+            y, out_ix = y[sel], out_ix.view(cells.numel(), -1)[sel].flatten()
+        _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
+        mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
+        mask[cells] = keep
+        return mask.view(self.rows, self.cols)
+
+
+def bucket(n: int) -> int:
+    """n rounded up to one of 8 sizes per octave (at most 12.5% padding), at least 16."""
+    if n <= 16:
+        return 16
+    q = 1 << (n.bit_length() - 4)
+    return -(-n // q) * q
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool: the cells and their 8 neighbours (a 3x3 conv's one-cell halo)."""
+    return F.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0
+
+
+def _up(mask: torch.Tensor, s: int) -> torch.Tensor:
+    """(rows, cols) -> (1, 1, rows*s, cols*s), each cell repeated over its s x s pixels."""
+    return mask[None, None].repeat_interleave(s, 2).repeat_interleave(s, 3) if s > 1 else mask[None, None]
+
+
+def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, threshold: float,
+                unit: float) -> torch.Tensor:
+    """Which cells changed: (C, H, W) current vs reference (any dtype) -> (H/cell, W/cell) bool.
+
+    ``threshold`` 0: any bit differs. Else a cell changed when its mean absolute change (in
+    threshold units: values x ``unit``, averaged over channels) exceeds T, or one 2x2-pooled window
+    (one pixel when cell is 1) changed by more than MAX_FACTOR * T.
+    """
+    if threshold == 0:
+        diff = (current != reference).any(0, keepdim=True).float()
+        return F.max_pool2d(diff[None], cell)[0, 0] > 0
+    d = (current.float() - reference.float()).abs().mean(0, keepdim=True)[None] * unit  # (1, 1, H, W)
+    mean = F.avg_pool2d(d, cell)
+    window = F.avg_pool2d(d, 2) if cell > 1 else d
+    peak = F.max_pool2d(window, max(1, cell // 2))
+    return ((mean > threshold) | (peak > MAX_FACTOR * threshold))[0, 0]
+
+
+def _check_family(model) -> None:
+    if model.family != "tiny":
+        raise Unsupported(f"sparse cache: the {model.family} family is not supported (tiny only)")
+
+
+class _SparseCoder:
+    """Reference input, scene-cut and refresh policy, and statistics around one SparseNetCache."""
+
+    def __init__(self, net: SparseNetCache, cache: str | float | None, refresh: int | None, unit: float, cell: int):
+        self.net, self.unit, self.cell = net, unit, cell
+        self.threshold = parse_mode(cache)
+        if refresh is not None and refresh < 1:
+            raise ValueError(f"--refresh must be >= 1 frame, got {refresh}")
+        self.refresh = refresh
+        self.stats = SparseStats()
+        self.reference: torch.Tensor | None = None  # (C, H, W) the input the cache was computed from
+        self.age = 0
+
+    def _frame(self, raw: torch.Tensor, prepare) -> torch.Tensor:
+        """raw (C, H, W): one frame's input as compared; ``prepare(raw) -> (1, C, H, W)`` network input."""
+        net = self.net
+        due = self.refresh is not None and self.age + 1 >= self.refresh
+        if self.threshold is None or self.reference is None or due:
+            changed = None
+        else:
+            changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit)
+            count = int(changed.sum())
+            if _dilate(changed).sum() > CUT_FRACTION * net.cells:
+                changed = None  # scene cut
+        if changed is None:
+            out, flops = net.dense(prepare(raw))
+            self.stats.add(0, net.cells)
+            if self.threshold is not None:
+                self.reference, self.age = raw.clone(), 0
+        else:
+            self.reference = torch.where(_up(changed, self.cell)[0], raw, self.reference)
+            out, flops = net.sparse(prepare(self.reference), changed)
+            self.stats.add(net.cells - count, net.cells)
+            self.age += 1
+        self.stats.add_flops(flops, net.dense_flops)
+        return out.clone()  # the cache's buffer changes in place with the next frame
+
+
+class SparseEncoderCache(_SparseCoder):
+    """uint8 frames (already padded to multiples of 8) -> scaled latents, through the sparse cache.
+
+    ``__call__(frames)``: (N, H, W, 3) uint8 -> (N, C, H/8, W/8) in the model's dtype, frame by
+    frame in clip order. ``prepare``: (N, H, W, 3) uint8 -> (N, 3, H, W) [-1, 1] model input.
+    """
+
+    def __init__(self, model, height: int, width: int, cache="exact", refresh=None, prepare=None):
+        _check_family(model)
+        self.model, self.prepare = model, prepare
+        net = SparseNetCache(model.encoder, CELL, height // CELL, width // CELL, parse_mode(cache), model.device)
+        super().__init__(net, cache, refresh, unit=1.0, cell=CELL)
+
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        m = self.model
+
+        def prepare(raw):  # the model's own arithmetic: encoder((x + 1) / 2)
+            x = self.prepare(raw.permute(1, 2, 0)[None]).to(m.dtype)
+            return _nhwc((x + 1) / 2)
+
+        out = [self._frame(f.permute(2, 0, 1), prepare) for f in frames]
+        return (torch.cat(out) - m.shift_factor) * m.scaling_factor
+
+
+class SparseDecoderCache(_SparseCoder):
+    """scaled latents (N, C, h, w) -> images (N, 3, 8h, 8w) nominally [-1, 1], as ``model.decode``."""
+
+    def __init__(self, model, rows: int, cols: int, cache="exact", refresh=None, unit: float = 127.5):
+        _check_family(model)
+        self.model = model
+        net = SparseNetCache(model.decoder, 1, rows, cols, parse_mode(cache), model.device)
+        super().__init__(net, cache, refresh, unit=unit, cell=1)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        m = self.model
+
+        def prepare(raw):  # the model's own arithmetic: Clamp(z / scaling + shift)
+            z = (raw[None] / m.scaling_factor + m.shift_factor).to(m.dtype)
+            return _nhwc(Clamp()(z))
+
+        out = [self._frame(z, prepare) for z in latents]
+        return torch.cat(out) * 2 - 1

@@ -1,0 +1,219 @@
+"""The sparse per-layer temporal cache (codec.sparse_cache): halo, counts, drift, refresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from codec.models import build
+from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported, cell_change
+
+
+def prepare(model):
+    return lambda t: kernels.frames_to_input(t, dtype=model.dtype, channels_last=True)
+
+
+def small(resample="shuffle", seed=0, linear=False):
+    torch.manual_seed(seed)
+    model = build("taesd", width=8, latent_channels=4, resample=resample)
+    if linear:  # small weights, large biases: every ReLU passes, so every change reaches its halo
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.weight.mul_(0.05)
+                    if m.bias is not None:
+                        m.bias.fill_(10.0)
+    return model
+
+
+def dense_encode(model, frames):
+    return torch.cat([model.encode(prepare(model)(frames[i:i + 1])) for i in range(len(frames))])
+
+
+def static_clip(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frame = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+    return frame[None].repeat(n, 1, 1, 1)
+
+
+def dilate(mask, k):
+    m = mask[None, None].float()
+    for _ in range(k):
+        m = F.max_pool2d(m, 3, 1, 1)
+    return m[0, 0] > 0
+
+
+@pytest.mark.parametrize("resample", ["shuffle", "nearest"])
+def test_tolerance_zero_matches_the_dense_model(resample):
+    model = small(resample)
+    frames = static_clip(5, 48, 64)
+    frames[2, 10:14, 20:30] = 7  # a small change, then back, then a corner change
+    frames[3, 0:3, 0:5] = 200
+    frames[4, 40:48, 56:64] = 0
+    enc = SparseEncoderCache(model, 48, 64, "exact", prepare=prepare(model))
+    z = enc(frames)
+    assert torch.allclose(z, dense_encode(model, frames), atol=1e-5, rtol=1e-5)
+    assert enc.stats.flops_per_frame[0] == 1.0 and enc.stats.flops_per_frame[1] == 0.0
+    assert 0 < enc.stats.flops_per_frame[2] < 1.0
+
+
+def test_decoder_tolerance_zero_matches_the_dense_model():
+    model = small()
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 8, 12).repeat(4, 1, 1, 1)
+    z[1:3, :, 3, 4] += 0.5  # frames 1 and 2 identical
+    z[3, :, 0, 0] -= 1.0
+    dec = SparseDecoderCache(model, 8, 12, "exact")
+    x = dec(z)
+    ref = torch.cat([model.decode(z[i:i + 1]) for i in range(4)])
+    assert torch.allclose(x, ref, atol=1e-5, rtol=1e-5)
+    assert dec.stats.flops_per_frame[2] == 0.0  # same as frame 1's reference
+    assert dec.stats.per_frame[1] == pytest.approx(1 - 1 / 96)
+
+
+def test_moving_object_recomputes_only_its_cells_and_their_halo():
+    model = small(linear=True)
+    h, w = 96, 128  # 12 x 16 cells
+    frames = static_clip(3, h, w)
+    frames[1, 40:48, 40:48] = 255  # the object covers cell (5, 5) ...
+    frames[2, 40:48, 48:56] = 255  # ... then moves to cell (5, 6): (5, 5) is back to the background
+    enc = SparseEncoderCache(model, h, w, "exact", prepare=prepare(model))
+    net = enc.net
+    for i, cells in ((1, [(5, 5)]), (2, [(5, 5), (5, 6)])):  # both differ from their reference at frame 2
+        z = enc(frames[: i + 1] if i == 1 else frames[2:])
+        changed = torch.zeros(12, 16, dtype=torch.bool)
+        for c in cells:
+            changed[c] = True
+        # the first conv recomputes exactly the changed cells and their one-cell halo (3x3, 3x4) ...
+        assert net.counts[0] == int(dilate(changed, 1).sum()) == 3 * (2 + len(cells))
+        # ... and no step more than the halo grown by one cell per conv (or all cells: a step that
+        # would recompute more than DENSE_FRACTION of the frame runs densely)
+        assert all(c <= dilate(changed, k + 1).sum() or c == net.cells for k, c in enumerate(net.counts))
+        assert net.counts[-1] > 0  # the change reaches the latent
+        assert all(c <= r <= max(16, 1.125 * c) for c, r in zip(net.counts, net.ran) if c)  # buckets
+        flops = sum(r * s.flops_per_cell() for r, s in zip(net.ran, net.steps))
+        assert enc.stats.flops_per_frame[-1] == pytest.approx(flops / net.dense_flops)
+        assert enc.stats.flops_per_frame[-1] < 0.75
+        assert enc.stats.per_frame[-1] == pytest.approx(1 - len(cells) / 192)
+        assert torch.allclose(z, dense_encode(model, frames[i:i + 1]), atol=1e-5)
+    # at full resolution a change spreads 1 px per conv: the changed cells stay the 3x4 block and
+    # its neighbours, so each following full-resolution conv recomputes the same 5x6 cells
+    assert net.counts[1:4] == [30, 30, 30]
+
+
+def test_halo_a_change_at_a_cell_edge_updates_its_neighbours():
+    model = small()
+    h, w = 64, 64
+    frames = static_clip(2, h, w)
+    frames[1, 16:24, 23] = 0  # the last pixel column of cell (2, 2): cell (2, 3) reads it
+    frames[1, 16:24, 23, 0] = 255
+    net_steps = SparseEncoderCache(model, h, w, "exact", prepare=prepare(model))
+    z = net_steps(frames)
+    first = net_steps.net.buffers[1]  # output of the first conv (full resolution)
+    dense = model.encoder[0](prepare(model)(frames[1:]).add(1).div(2))
+    assert torch.allclose(first, dense, atol=1e-6)
+    before = model.encoder[0](prepare(model)(frames[:1]).add(1).div(2))
+    # the neighbour's first pixel column changed in the dense result, and the cache has it
+    assert (dense[..., 16:24, 24] - before[..., 16:24, 24]).abs().max() > 1e-3
+    assert torch.allclose(z, dense_encode(model, frames), atol=1e-5)
+
+
+def test_drift_is_bounded_by_the_reference_rule_over_200_frames():
+    model = small()
+    h, w, n, t = 32, 32, 200, 4.0
+    base = static_clip(1, h, w)[0].float()
+    # a slow brightness ramp: 0.25 levels per frame, never above T between consecutive frames
+    frames = torch.stack([(base * 0.5 + 0.25 * i).clamp(0, 255) for i in range(n)]).round().to(torch.uint8)
+    enc = SparseEncoderCache(model, h, w, str(t), prepare=prepare(model))
+    errors = []
+    for i in range(n):
+        z = enc(frames[i:i + 1])
+        ref = enc.reference.permute(1, 2, 0).float()
+        cell_mean = F.avg_pool2d((frames[i].float() - ref).abs().mean(-1)[None, None], 8)
+        assert cell_mean.max() <= t  # the cached input never drifts further than T from the frame
+        errors.append((z - dense_encode(model, frames[i:i + 1])).abs().max().item())
+    assert enc.stats.hit_rate > 0.5  # mostly reused ...
+    assert 0 < sum(f > 0 for f in enc.stats.flops_per_frame[1:]) < n - 1  # ... and recomputed now and then
+    assert max(errors[100:]) <= 1.5 * max(errors[:100]) + 1e-6  # no accumulation
+
+
+def test_refresh_every_n_frames_and_on_a_scene_cut():
+    model = small()
+    frames = static_clip(12, 32, 48)
+    frames[8:] = static_clip(4, 32, 48, seed=5)  # a cut at frame 8
+    enc = SparseEncoderCache(model, 32, 48, "2", refresh=5, prepare=prepare(model))
+    enc(frames)
+    dense = [i for i, f in enumerate(enc.stats.flops_per_frame) if f == 1.0]
+    assert dense == [0, 5, 8]  # first frame, the refresh 5 frames later, the cut (restarts the count)
+    assert all(enc.stats.flops_per_frame[i] == 0.0 for i in range(12) if i not in dense)
+    assert enc.stats.per_frame[8] == 0.0
+    with pytest.raises(ValueError, match="refresh"):
+        SparseEncoderCache(model, 32, 48, "2", refresh=0, prepare=prepare(model))
+
+
+def test_cell_change_measure():
+    ref = torch.zeros(3, 16, 16)
+    cur = ref.clone()
+    cur[:, 0, 0] = 40.0  # one hot pixel: mean 40/64 < 1, 2x2 window 10 > 4 * 1 ... changed
+    assert cell_change(cur, ref, 8, 1.0, 1.0).tolist() == [[True, False], [False, False]]
+    assert cell_change(cur, ref, 8, 3.0, 1.0).tolist() == [[False, False], [False, False]]  # 10 <= 12
+    cur = ref + 0.9  # uniform noise-level change below T everywhere
+    assert not cell_change(cur, ref, 8, 1.0, 1.0).any()
+    assert cell_change(cur, ref, 8, 0.0, 1.0).all()  # exact: any difference
+
+
+def test_unsupported_family_is_refused():
+    with pytest.raises(Unsupported, match="kl"):
+        SparseEncoderCache(build("sd15", block_out_channels=(8, 8), norm_num_groups=4), 16, 16, "2")
+
+
+def test_taef2_layout_groupnorm_blocks_and_upsample_decoder():
+    """taef2's layout: GroupNorm middle blocks recomputed densely and merged, nearest-upsample
+    decoder convs packed like the others; tolerance 0 matches the dense model."""
+    torch.manual_seed(0)
+    model = build("taef2", width=8, latent_channels=4)
+    frames = static_clip(3, 48, 64)
+    frames[1, 8:16, 8:16] = 255
+    frames[2, 30:34, 40:50] = 0
+    enc = SparseEncoderCache(model, 48, 64, "exact", prepare=prepare(model))
+    z = enc(frames)
+    assert torch.allclose(z, dense_encode(model, frames), atol=1e-5, rtol=1e-4)
+    assert 0 < enc.stats.flops_per_frame[1] < 1
+    dec = SparseDecoderCache(model, 6, 8, "exact")
+    zz = z[:1].repeat(3, 1, 1, 1)
+    zz[1:, :, 2, 3] += 0.3  # frames 1 and 2 identical
+    x = dec(zz)
+    ref = torch.cat([model.decode(zz[i:i + 1]) for i in range(3)])
+    assert torch.allclose(x, ref, atol=1e-5, rtol=1e-4)
+    assert 0 < dec.stats.flops_per_frame[2] < 0.5  # the GroupNorm blocks only (same input as frame 1)
+
+
+def test_coder_uses_the_sparse_cache_for_a_threshold_and_keeps_exact_bit_identical(tmp_path):
+    from helpers import moving_square_frames
+
+    from codec.coder import CoderOptions, FrameDecoder, FrameEncoder
+    from codec.pipeline import roundtrip_video
+
+    model = small()
+    frames = moving_square_frames(6, 50, 70)  # padded to 56 x 72
+    enc = FrameEncoder(model, 50, 70, CoderOptions(cache="2"))
+    dec = FrameDecoder(model, 50, 70, CoderOptions(cache="2"))
+    assert enc.sparse is not None and dec.sparse is not None and enc.plan.tile is None
+    z = enc(frames)
+    off = FrameEncoder(model, 50, 70, CoderOptions(cache="off"))(frames)
+    assert z.dtype == torch.float32 and z.shape == off.shape
+    assert (z - off).abs().max() < 0.1 * off.abs().max()
+    out = dec(z)
+    assert out.shape == frames.shape and out.dtype == torch.uint8
+    assert 0 < enc.stats.flop_fraction < 1 and enc.stats.flops_per_frame[0] == 1.0
+    exact = FrameEncoder(model, 50, 70, CoderOptions(cache="exact"))
+    assert exact.sparse is None and torch.equal(exact(frames), off)  # exact: the bit-identical tile cache
+    need = enc.sparse.net.memory_bytes(4)
+    small_budget = FrameEncoder(model, 50, 70, CoderOptions(cache="2", max_memory=need - 1))
+    assert small_budget.sparse is None  # cached activations over the budget: the tiled path
+    from helpers import write_clip
+    src = write_clip(tmp_path / "in.mp4", frames)
+    e, d = roundtrip_video(src, tmp_path / "out.mp4", model, options=CoderOptions(cache="2"))
+    assert e.flop_fraction is not None and len(e.flops_per_frame) == 6 and len(d.flops_per_frame) == 6
