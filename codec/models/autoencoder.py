@@ -14,7 +14,34 @@ from .layers import Normalizer, frame_normalizer
 from .tiny import tiny_decoder, tiny_encoder
 
 
-class Autoencoder(nn.Module):
+class ModelFacts:
+    """What the rest of the codec reads of a model of any family (a mixin over ``nn.Module``):
+    the config's name, family, channels, factors, and the parameters' dtype and device.
+
+    The loader sets ``source`` (where the weights came from), ``model_id`` (the portable identity
+    that reloads them: ``default``, a preset, an absolute path; None for a model not loaded from
+    weights) and ``weights_sha256`` (the content hash of the weights as loaded, see ``identity``).
+    """
+
+    UNLOADED = ("untrained", None, None)  # source, model_id, weights_sha256 before any loader ran
+
+    name = property(lambda self: self.config.name)
+    family = property(lambda self: self.config.family)
+    latent_channels = property(lambda self: self.config.latent_channels)
+    downscale = property(lambda self: self.config.downscale)
+    scaling_factor = property(lambda self: self.config.scaling_factor)
+    shift_factor = property(lambda self: self.config.shift_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class Autoencoder(ModelFacts, nn.Module):
     """An image autoencoder with the latent conventions of the diffusion model it serves.
 
     ``encode``: x (N,3,H,W) float in [-1,1], H and W multiples of ``downscale`` ->
@@ -47,28 +74,7 @@ class Autoencoder(nn.Module):
         else:
             raise TypeError(f"expected a KLConfig or TinyConfig, got {type(cfg).__name__}")
         self.fp32_fallbacks = 0
-        # Set by the loader: where the weights came from, the portable identity that reloads them
-        # (``default``, a preset, an absolute path; None for a model not loaded from weights),
-        # and the content hash of the weights as loaded (``identity.weights_digest``).
-        self.source = "untrained"
-        self.model_id: str | None = None
-        self.weights_sha256: str | None = None
-
-    # Attributes the rest of the codec reads.
-    name = property(lambda self: self.config.name)
-    family = property(lambda self: self.config.family)
-    latent_channels = property(lambda self: self.config.latent_channels)
-    downscale = property(lambda self: self.config.downscale)
-    scaling_factor = property(lambda self: self.config.scaling_factor)
-    shift_factor = property(lambda self: self.config.shift_factor)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+        self.source, self.model_id, self.weights_sha256 = ModelFacts.UNLOADED
 
     # ---- raw passes (unscaled, no fallback) ---------------------------------------------
     def _encode_raw(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:

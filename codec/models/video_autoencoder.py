@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from .autoencoder import ModelFacts
 from .config import WanConfig
 from .wan import State, WanNetwork
 
 
-class VideoAutoencoder(WanNetwork):
+class VideoAutoencoder(ModelFacts, WanNetwork):
     """``encode``: x (N, 3, T, H, W) float in [-1, 1], T = 1 + 4k, H and W multiples of
     ``downscale`` -> z (N, C, 1 + k, H/s, W/s) float32 normalized latents (the mode, or a sample).
     ``decode``: z -> (N, 3, 1 + 4(T' - 1), H, W) float32 in [-1, 1] (clamped).
@@ -27,24 +28,9 @@ class VideoAutoencoder(WanNetwork):
             raise TypeError(f"expected a WanConfig, got {type(cfg).__name__}")
         super().__init__(cfg)  # encoder, decoder, quant convs: the diffusers names, no prefix
         self.fp32_fallbacks = 0  # read by the pipeline's report; the Wan VAEs run fine in half precision
-        self.source = "untrained"
-        self.model_id: str | None = None  # the portable identity the loader records
+        self.source, self.model_id, self.weights_sha256 = ModelFacts.UNLOADED
 
-    name = property(lambda self: self.config.name)
-    family = property(lambda self: self.config.family)
-    latent_channels = property(lambda self: self.config.latent_channels)
-    downscale = property(lambda self: self.config.downscale)
     temporal_factor = property(lambda self: self.config.temporal_factor)
-    scaling_factor = property(lambda self: self.config.scaling_factor)
-    shift_factor = property(lambda self: self.config.shift_factor)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def latent_stats(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, std) as float32 (1, C, 1, 1, 1) tensors."""
