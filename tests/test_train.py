@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from codec.cli import main as codec_main
-from codec.models import build, load_model, save_model, weights_digest
+from codec.models import Autoencoder, build, load_model, save_model, weights_digest
 from codec.models.config import KLConfig, TinyConfig
 from codec.train import TrainConfig, Trainer
 from codec.train.__main__ import main as train_main
@@ -160,6 +160,25 @@ def test_resume_from_damaged_checkpoints_is_one_line(data_dir, tmp_path, capsys)
         code = codec_main(["train", str(data_dir), "--out", str(tmp_path / "r.safetensors"), "--resume", str(path)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and needle in err and str(path) in err and len(err.splitlines()) == 1, err
+
+
+def test_outputs_checked_before_training(data_dir, tmp_path, capsys):
+    """--out, --checkpoint and the loss plot never replace an input, a device or a folder."""
+    model = tmp_path / "init.safetensors"
+    save_model(Autoencoder(TinyConfig(name="t", latent_channels=4, width=8)), model)
+    before = model.read_bytes()
+    image = data_dir / "img_0.png"
+    cases = [(["--out", str(model), "--init", str(model), "--decoder-only"], "is also an input"),
+             (["--out", str(tmp_path / "m.safetensors"), "--checkpoint", str(image)], "is also an input"),
+             (["--out", "/dev/null"], ".safetensors"),
+             (["--out", str(tmp_path / "m.safetensors"), "--checkpoint", "/dev/null"], "not a regular file"),
+             (["--out", str(tmp_path / "no" / "m.safetensors")], "does not exist")]
+    for extra, needle in cases:
+        code = codec_main(["train", str(image), *extra, "--steps", "1"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert model.read_bytes() == before and image.is_file()
+    assert not list(tmp_path.glob("m*"))  # nothing trained, nothing written
 
 
 @pytest.mark.parametrize("cfg", [TinyConfig(name="t", latent_channels=4, width=8),

@@ -83,13 +83,24 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, threads=args.threads)
 
 
+def _check_outputs(cfg) -> None:
+    """The weights, checkpoint and loss plot a run writes, checked before any work like every
+    command's outputs (``codec.outputs``): never a data file, the ``--init`` model or the LPIPS
+    weights, never a device or folder. Data folders are read, not written: outputs may sit in them.
+    (The ``--resume`` checkpoint is meant to be written over: it is not an input here.)"""
+    from ..outputs import check_outputs, model_files
+
+    inputs = [p for p in cfg.data if Path(p).is_file()] + model_files(cfg.init) + [cfg.lpips]
+    check_outputs([("--out", cfg.out, (".safetensors",)), ("--checkpoint", cfg.checkpoint_path, None),
+                   ("the loss plot", cfg.plot_path, (".png",))], inputs=[p for p in inputs if p])
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``codec train``; raises ValueError (one line) for bad input. Returns the exit code."""
     from .trainer import Trainer
 
     cfg = config_from_args(args)
-    if not Path(cfg.out).parent.is_dir():
-        raise ValueError(f"--out: the folder {Path(cfg.out).parent} does not exist")
+    _check_outputs(cfg)
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
