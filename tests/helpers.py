@@ -34,3 +34,20 @@ def tiny_model_file(path: Path, latent_channels: int = 4, width: int = 8, seed: 
     torch.manual_seed(seed)
     model = build("taesd", latent_channels=latent_channels, width=width)
     return save_model(model, path, dtype=torch.float32)
+
+
+def on_second_call(monkeypatch, cls, action) -> dict:
+    """Patch ``cls.__call__`` so its second call runs ``action()`` first (raise, send a signal).
+
+    Returns the call counter, ``{"n": calls so far}``."""
+    calls = {"n": 0}
+    real = cls.__call__
+
+    def patched(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            action()
+        return real(self, x)
+
+    monkeypatch.setattr(cls, "__call__", patched)
+    return calls

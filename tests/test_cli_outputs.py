@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import moving_square_frames, tiny_model_file, write_clip
+from helpers import moving_square_frames, on_second_call, tiny_model_file, write_clip
 
 from codec import latents as latents_module
 from codec.cli import build_parser, main
@@ -244,16 +244,7 @@ def test_ffmpeg_errors_mid_run_are_one_line(clip, model_file, tmp_path, capfd, m
 def test_sigterm_is_handled_like_ctrl_c(command, clip, model_file, tmp_path, capfd, monkeypatch):
     from codec import coder
 
-    calls = {"n": 0}
-    real = coder.FrameEncoder.__call__
-
-    def terminated_midway(self, frames):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, frames)
-
-    monkeypatch.setattr(coder.FrameEncoder, "__call__", terminated_midway)
+    calls = on_second_call(monkeypatch, coder.FrameEncoder, lambda: os.kill(os.getpid(), signal.SIGTERM))
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / ("x.safetensors" if command == "encode" else "x.mp4")
     code = main([command, str(clip), "-o", str(out), "--model", str(model_file), "--batch", "2", "--quiet"])

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import moving_square_frames, tiny_model_file, write_clip
+from helpers import moving_square_frames, on_second_call, tiny_model_file, write_clip
 
 from codec.cli import main
 from codec.latents import LatentReader
@@ -184,16 +184,10 @@ def test_latents_decoded_with_another_model(clip, model_file, tmp_path, capsys):
 def test_interrupted_encode_leaves_nothing(exc, clip, model_file, tmp_path, capsys, monkeypatch):
     from codec import coder
 
-    calls = {"n": 0}
-    real = coder.FrameEncoder.__call__
+    def stop():
+        raise exc("stop midway")
 
-    def flaky(self, frames):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise exc("stop midway")
-        return real(self, frames)
-
-    monkeypatch.setattr(coder.FrameEncoder, "__call__", flaky)
+    calls = on_second_call(monkeypatch, coder.FrameEncoder, stop)
     code = main(["encode", str(clip), "-o", str(tmp_path / "x.safetensors"), "--model", str(model_file),
                  "--batch", "2", "--quiet"])
     assert code == (130 if exc is KeyboardInterrupt else 2)
@@ -205,16 +199,10 @@ def test_interrupted_decode_leaves_nothing(clip, model_file, tmp_path, monkeypat
     from codec import coder
 
     lat = encoded(clip, model_file, tmp_path)
-    calls = {"n": 0}
-    real = coder.FrameDecoder.__call__
+    def stop():
+        raise KeyboardInterrupt
 
-    def flaky(self, z):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, z)
-
-    monkeypatch.setattr(coder.FrameDecoder, "__call__", flaky)
+    on_second_call(monkeypatch, coder.FrameDecoder, stop)
     assert main(["decode", str(lat), "-o", str(tmp_path / "y.mp4"), "--quiet"]) == 130
     assert_no_output(tmp_path, "y.mp4")
 
