@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build("taef2", width=args.width)
         save_model(model, Path(tmp, "model.safetensors"), dtype=torch.float32)
         for n in lengths:
-            cmd = [sys.executable, __file__, "--child", str(clip), str(Path(tmp, "model.safetensors")), str(n)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode:
-                raise SystemExit(f"child for {n} frames failed:\n{res.stderr[-2000:]}")
-            run = json.loads(res.stdout.strip().splitlines()[-1])
-            run["phases"] = phases(run)
+            run = measure(clip, Path(tmp, "model.safetensors"), n)
             runs.append(run)
             e, d = run["phases"]["encode"], run["phases"]["decode"]
             print(f"{n:>6} frames: peak RSS {run['peak_rss_mb']:.0f} MiB (at start {run['rss_before_mb']:.0f}); "
@@ -153,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"spread over lengths {lengths}: peak RSS {doc['peak_growth_mb']:.1f} MiB, "
           f"peak anonymous RSS {doc['peak_anon_growth_mb']:.1f} MiB")
     return 0
+
+
+def measure(clip: Path, model: Path, frames: int) -> dict:
+    """Encode then decode ``frames`` frames of ``clip`` in a fresh process (``--child``); its run with phases."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(clip), str(model), str(frames)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise SystemExit(f"child for {frames} frames failed:\n{res.stderr[-2000:]}")
+    run = json.loads(res.stdout.strip().splitlines()[-1])
+    run["phases"] = phases(run)
+    return run
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from memory_flat import phases, plot  # noqa: E402
+from memory_flat import measure, plot  # noqa: E402
 
 
 def synthetic_clip(path: Path, frames: int, height: int, width: int) -> None:
@@ -61,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in lengths:
             clip = Path(tmp, f"clip{n}.mp4")
             synthetic_clip(clip, n, h, w)
-            cmd = [sys.executable, str(ROOT / "bench" / "memory_flat.py"), "--child", str(clip),
-                   str(Path(tmp, "wan.safetensors")), str(n)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode:
-                raise SystemExit(f"child for {n} frames failed:\n{res.stderr[-2000:]}")
-            run = json.loads(res.stdout.strip().splitlines()[-1])
-            run["phases"] = phases(run)
+            run = measure(clip, Path(tmp, "wan.safetensors"), n)
             run["samples"] = run["samples"][::5]  # every 0.5 s is enough to see a trend; keeps the file small
             runs.append(run)
             e, d = run["phases"]["encode"], run["phases"]["decode"]
