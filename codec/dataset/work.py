@@ -57,17 +57,15 @@ class ClipEncoder:
     """Holds the model; ``encoder(clip)`` writes ``outdir/clip.latents`` and returns its row."""
 
     def __init__(self, outdir: str | os.PathLike, settings: EncodeSettings):
-        from ..models import load_model
-        from ..models.accel import accelerate
+        from ..cli_args import load
 
         self.outdir, self.settings = Path(outdir), settings
         self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cuda = self.device.startswith("cuda")
         self.dtype = getattr(torch, settings.dtype) if settings.dtype else (torch.float16 if cuda else torch.float32)
         self.latent_dtype = getattr(torch, settings.latent_dtype)
-        model = load_model(settings.model, device=self.device, dtype=self.dtype, preset_name=settings.preset)
+        self.model = model = load(settings, self.device, self.dtype)  # reads model, preset, compile, cuda_graphs
         self.weights = weights_digest(model)
-        self.model = accelerate(model, compile=settings.compile, cuda_graphs=settings.cuda_graphs)
         # What changes the latents besides the source and the weights; the model's path does not.
         opts = {k: v for k, v in asdict(settings).items() if k not in ("model", "device", "dtype", "cuda_graphs")}
         opts.update(device=torch.device(self.device).type, dtype=str(self.dtype).removeprefix("torch."),
