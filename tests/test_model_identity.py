@@ -214,6 +214,7 @@ def test_in_memory_model_is_recorded_as_such(tmp_path, capsys):
     assert "not loaded from weights" in capsys.readouterr().err
     path = save_model(model, tmp_path / "m.safetensors", dtype=torch.float32)
     assert decode(lat, tmp_path / "o.mp4", "--model", str(path)) == 0  # same weights: no warning needed
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_preset_and_default_identity(tmp_path, monkeypatch):
