@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codec.bench import versions
 from codec.coder import CoderOptions, FrameDecoder, FrameEncoder
 from codec.models import load_model
 from codec.quality import psnr
@@ -28,17 +29,6 @@ from codec.video import FrameReader
 
 CLIPS = {"squirrel.mp4": "static", "smpte-2997.mp4": "static",
          "clip_01_tears_of_steel.mp4": "moving", "chaplin.mp4": "moving"}
-
-
-def versions() -> dict:
-    import platform
-    import subprocess
-
-    import codec
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"codec": codec.__version__, "git": commit, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
 
 
 def read_clip(path: Path, frames: int, crop: tuple[int, int]) -> np.ndarray:
