@@ -133,7 +133,7 @@ class _TiledCoder:
             self._gn = GlobalNorm(self.layout.core_boxes(), self.layout.tile_hw)
         results = []
         for t in range(frames):
-            stats = frame_stats(t)
+            stats = frame_stats(t) if self.cache.enabled else None  # compared only for replay
             tol = self.cache.threshold
             # Replay recorded frame statistics only while this frame's statistics stay within the
             # cache threshold of the frame that produced them; in exact mode only for an identical frame.

@@ -453,8 +453,9 @@ class _SparseCoder:
             changed = None
         else:
             changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit)
-            count = int(changed.sum())
-            if _dilate(changed).sum() > CUT_FRACTION * net.cells:
+            # one host sync per frame for both counts
+            count, spread = torch.stack([changed.sum(), _dilate(changed).sum()]).tolist()
+            if spread > CUT_FRACTION * net.cells:
                 changed = None  # scene cut
         if changed is None:
             out, flops = net.dense(prepare(raw))

@@ -25,6 +25,18 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _channel_pixel(e, CPG, HW, PIX_MAJOR: tl.constexpr):
+        """Element e of a group -> (channel within the group, pixel): pixel-major for
+        channels_last (contiguous runs), channel-major for NCHW."""
+        if PIX_MAJOR:
+            c = e % CPG
+            p = e // CPG
+        else:
+            c = e // HW
+            p = e % HW
+        return c, p
+
+    @triton.jit
     def _gn_stats_kernel(
         x_ptr, count_ptr, mean_ptr, m2_ptr,  # x: (N, C, H, W); outputs: (N * G, SPLITS) fp32
         G, CPG, HW,  # groups, channels per group, pixels per channel
@@ -48,12 +60,7 @@ if HAVE_TRITON:
             for off in range(start, end, BLOCK):
                 e = off + tl.arange(0, BLOCK)
                 mask = e < end
-                if PIX_MAJOR:
-                    p = e // CPG
-                    c = e % CPG
-                else:
-                    c = e // HW
-                    p = e % HW
+                c, p = _channel_pixel(e, CPG, HW, PIX_MAJOR)
                 ptrs = base + c.to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
                 v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 # Two-pass statistics of the block in registers, then Chan's merge into the running
@@ -86,12 +93,7 @@ if HAVE_TRITON:
             g = row % G
             e = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
             mask = e < group_numel
-            if PIX_MAJOR:
-                p = e // CPG
-                c = e % CPG
-            else:
-                c = e // HW
-                p = e % HW
+            c, p = _channel_pixel(e, CPG, HW, PIX_MAJOR)
             offs = n.to(tl.int64) * stride_n + (g * CPG + c).to(tl.int64) * stride_c + p.to(tl.int64) * stride_p
             v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = (v - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)

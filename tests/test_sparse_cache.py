@@ -216,4 +216,5 @@ def test_coder_uses_the_sparse_cache_for_a_threshold_and_keeps_exact_bit_identic
     from helpers import write_clip
     src = write_clip(tmp_path / "in.mp4", frames)
     e, d = roundtrip_video(src, tmp_path / "out.mp4", model, options=CoderOptions(cache="2"))
-    assert e.flop_fraction is not None and len(e.flops_per_frame) == 6 and len(d.flops_per_frame) == 6
+    assert 0 < e.flop_fraction <= 1 and 0 < d.flop_fraction <= 1
+    assert len(e.flops_per_frame) == 6 and len(d.flops_per_frame) == 6
