@@ -71,9 +71,13 @@ class RunReport:
         return out
 
 
-def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: CacheStats) -> RunReport:
+def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: CacheStats | None = None,
+            norm: str | None = None) -> RunReport:
+    """Fill in the run-wide figures: time, cache (``stats``, when the coder caches), memory, tiling;
+    ``norm`` names the normalization when the coder's ``global_norm`` does not describe it."""
     report.seconds = now() - start
-    report.cache_hit_rate, report.cache_per_frame = stats.hit_rate, list(stats.per_frame)
+    if stats is not None:
+        report.cache_hit_rate, report.cache_per_frame = stats.hit_rate, list(stats.per_frame)
     if hasattr(stats, "flop_fraction"):  # the sparse cache counts the FLOPs of the blocks it ran
         report.flop_fraction, report.flops_per_frame = stats.flop_fraction, list(stats.flops_per_frame)
     report.fp32_fallbacks = model.fp32_fallbacks
@@ -81,7 +85,7 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
     if model.device.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     report.tile, report.overlap = coder.plan.tile, coder.plan.overlap
-    report.norm = "global" if coder.global_norm else "tile"
+    report.norm = norm or ("global" if coder.global_norm else "tile")
     return report
 
 
