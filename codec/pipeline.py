@@ -241,9 +241,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
                            quiet=quiet)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
-    if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:
-        raise ValueError(f"{src}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
-                         f"{width}x{height} source at {model.downscale}x")
+    check_fit(reader, decoder, model.downscale)
     report = RunReport()
     bar = progress(reader.num_frames, "decode", quiet)
     t0 = now()
@@ -318,6 +316,13 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+def check_fit(reader: LatentReader, decoder, scale: int) -> None:
+    """Refuse latents whose (h, w) are not the decoder's padded source size over ``scale``."""
+    if (decoder.h8 // scale, decoder.w8 // scale) != tuple(reader.shape[2:]):
+        raise ValueError(f"{reader.path}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
+                         f"{decoder.width}x{decoder.height} source at {scale}x")
 
 
 def _recorded_rotation(src, meta: dict) -> int:
@@ -420,7 +425,7 @@ def describe_latents(path: str | os.PathLike) -> dict:
             **meta, "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
             "frames": frames, "dtype": str(r.dtype).removeprefix("torch."),
             "fps": _rational(fps), "fps_float": float(fps), "time_base": _rational(r.time_base),
-            "duration_s": float(frames / fps) if fps else None,
+            "duration_s": float(frames / fps),  # fps > 0: the reader checked it
         }
 
 

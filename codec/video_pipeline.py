@@ -19,7 +19,7 @@ import torch
 from .coder import CoderOptions
 from .latents import LatentReader, LatentWriter
 from .models.video_autoencoder import VideoAutoencoder
-from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, clip_metadata
+from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, check_fit, clip_metadata
 from .stages import now, progress
 from .video import FrameReader, VideoWriter
 from .video_coder import VideoDecoder, VideoEncoder
@@ -108,10 +108,7 @@ def decode_clip(reader: LatentReader, dst: Path, model: VideoAutoencoder, *, opt
     height, width = int(meta["source_height"]), int(meta["source_width"])
     frames = int(meta["source_frames"])
     decoder = VideoDecoder(model, height, width, options, frames=frames)
-    s = model.downscale
-    if decoder.h8 // s != reader.shape[2] or decoder.w8 // s != reader.shape[3]:
-        raise ValueError(f"{reader.path}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
-                         f"{width}x{height} source at {s}x")
+    check_fit(reader, decoder, model.downscale)
     if model.num_frames(reader.num_frames) - int(meta["pad_frames"]) != frames:
         raise ValueError(f"{reader.path}: {reader.num_frames} latent frames do not give the recorded "
                          f"{frames} frames with {meta['pad_frames']} frames of end padding")
