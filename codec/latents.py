@@ -392,9 +392,10 @@ class LatentReader:
     """Memory-mapped access to a latent file written by :class:`LatentWriter`.
 
     ``read(start, end)`` returns latents (n, C, h, w) in the stored dtype (CPU), reading only
-    those frames; it raises ValueError when one of them holds NaN or Inf. ``pts``: (T,) int64
-    tensor. Iterating yields ``(latents, pts)`` batches of ``batch`` frames. Opening validates the
-    whole header (see the module docstring); :meth:`verify` checks the content.
+    those frames; it raises ValueError when one of them holds NaN or Inf (checked per read until
+    :meth:`verify` has checked every frame at once). ``pts``: (T,) int64 tensor. Iterating yields
+    ``(latents, pts)`` batches of ``batch`` frames. Opening validates the whole header (see the
+    module docstring); :meth:`verify` checks the content.
     """
 
     def __init__(self, path: str | os.PathLike, batch: int = 8):
@@ -410,6 +411,7 @@ class LatentReader:
             raise ValueError(f"{self.path}: {e}") from None
         self._header = {k: header[k] for k in ("latents", "pts", "__metadata__")}
         self.dtype: torch.dtype = _NAMES[dtype]
+        self._all_finite = False  # set by a verify() that passed: read() need not look again
         try:
             self._file = safe_open(str(self.path), framework="pt")
             self._slice = self._file.get_slice("latents")
@@ -428,7 +430,7 @@ class LatentReader:
             raise ValueError(f"{self.path}: expected 0 <= start < end <= {self.num_frames}, "
                              f"got start={start}, end={end}")
         latents = self._slice[start:end]
-        if bad := _first_bad_frame(latents):
+        if not self._all_finite and (bad := _first_bad_frame(latents)):
             raise ValueError(f"{self.path}: frame {start + bad[0]} holds {bad[1]} values (expected finite latents)")
         return latents
 
@@ -469,6 +471,7 @@ class LatentReader:
             raise ValueError(f"{self.path}: checksum mismatch: the file was modified or truncated")
         if bad is not None:
             raise ValueError(f"{self.path}: frame {bad[0]} holds {bad[1]} values (expected finite latents)")
+        self._all_finite = True
 
     def close(self) -> None:
         self._slice = self._file = None

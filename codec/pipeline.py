@@ -71,9 +71,13 @@ class RunReport:
         return out
 
 
-def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: CacheStats) -> RunReport:
+def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: CacheStats | None = None,
+            norm: str | None = None) -> RunReport:
+    """Fill in the run-wide figures: time, cache (``stats``, when the coder caches), memory, tiling;
+    ``norm`` names the normalization when the coder's ``global_norm`` does not describe it."""
     report.seconds = now() - start
-    report.cache_hit_rate, report.cache_per_frame = stats.hit_rate, list(stats.per_frame)
+    if stats is not None:
+        report.cache_hit_rate, report.cache_per_frame = stats.hit_rate, list(stats.per_frame)
     if hasattr(stats, "flop_fraction"):  # the sparse cache counts the FLOPs of the blocks it ran
         report.flop_fraction, report.flops_per_frame = stats.flop_fraction, list(stats.flops_per_frame)
     report.fp32_fallbacks = model.fp32_fallbacks
@@ -81,7 +85,7 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
     if model.device.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     report.tile, report.overlap = coder.plan.tile, coder.plan.overlap
-    report.norm = "global" if coder.global_norm else "tile"
+    report.norm = norm or ("global" if coder.global_norm else "tile")
     return report
 
 
@@ -237,9 +241,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
                            quiet=quiet)
     height, width = int(meta["source_height"]), int(meta["source_width"])
     decoder = FrameDecoder(model, height, width, options)
-    if decoder.h8 // model.downscale != reader.shape[2] or decoder.w8 // model.downscale != reader.shape[3]:
-        raise ValueError(f"{src}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
-                         f"{width}x{height} source at {model.downscale}x")
+    check_fit(reader, decoder, model.downscale)
     report = RunReport()
     bar = progress(reader.num_frames, "decode", quiet)
     t0 = now()
@@ -314,6 +316,13 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+def check_fit(reader: LatentReader, decoder, scale: int) -> None:
+    """Refuse latents whose (h, w) are not the decoder's padded source size over ``scale``."""
+    if (decoder.h8 // scale, decoder.w8 // scale) != tuple(reader.shape[2:]):
+        raise ValueError(f"{reader.path}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
+                         f"{decoder.width}x{decoder.height} source at {scale}x")
 
 
 def _recorded_rotation(src, meta: dict) -> int:
@@ -416,7 +425,7 @@ def describe_latents(path: str | os.PathLike) -> dict:
             **meta, "file": str(path), "size_bytes": Path(path).stat().st_size, "shape": list(r.shape),
             "frames": frames, "dtype": str(r.dtype).removeprefix("torch."),
             "fps": _rational(fps), "fps_float": float(fps), "time_base": _rational(r.time_base),
-            "duration_s": float(frames / fps) if fps else None,
+            "duration_s": float(frames / fps),  # fps > 0: the reader checked it
         }
 
 

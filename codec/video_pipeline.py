@@ -19,12 +19,13 @@ import torch
 from .coder import CoderOptions
 from .latents import LatentReader, LatentWriter
 from .models.video_autoencoder import VideoAutoencoder
-from .pipeline import OutputClock, RunReport, _frame_count, _pump, clip_metadata
-from .stages import now, peak_host_mb, progress
+from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, check_fit, clip_metadata
+from .stages import now, progress
 from .video import FrameReader, VideoWriter
 from .video_coder import VideoDecoder, VideoEncoder
 
 FRAME_RULE = "1+4k"
+_NORM = "none (RMS norm)"  # the Wan VAEs normalize per pixel: no tile or frame statistics
 
 
 def _stats_text(values) -> str:
@@ -36,15 +37,6 @@ def video_metadata(model: VideoAutoencoder) -> dict:
     mean, std = model.latent_stats()
     return {"latents_mean": _stats_text(mean.flatten()), "latents_std": _stats_text(std.flatten()),
             "temporal_factor": model.temporal_factor, "frame_rule": FRAME_RULE.replace("4", str(model.temporal_factor))}
-
-
-def _done(report: RunReport, t0: float, coder, model: VideoAutoencoder) -> RunReport:
-    report.seconds = now() - t0
-    report.peak_host_mb = peak_host_mb()
-    if model.device.type == "cuda":
-        report.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
-    report.tile, report.overlap, report.norm = coder.plan.tile, coder.plan.overlap, "none (RMS norm)"
-    return report
 
 
 def encode_clip(src, dst: Path, model: VideoAutoencoder, *, options: CoderOptions | None, start: int,
@@ -94,7 +86,7 @@ def encode_clip(src, dst: Path, model: VideoAutoencoder, *, options: CoderOption
         last = encoder.finish().to("cpu", latent_dtype)
         write((last, 0))
         writer.update_metadata({"pad_frames": encoder.pad_frames, "source_frames": report.frames})
-    return _done(report, t0, encoder, model)
+    return _finish(report, t0, encoder, model, norm=_NORM)
 
 
 def check_video_convention(meta: dict, model: VideoAutoencoder, src) -> None:
@@ -116,10 +108,7 @@ def decode_clip(reader: LatentReader, dst: Path, model: VideoAutoencoder, *, opt
     height, width = int(meta["source_height"]), int(meta["source_width"])
     frames = int(meta["source_frames"])
     decoder = VideoDecoder(model, height, width, options, frames=frames)
-    s = model.downscale
-    if decoder.h8 // s != reader.shape[2] or decoder.w8 // s != reader.shape[3]:
-        raise ValueError(f"{reader.path}: latents of {reader.shape[2]}x{reader.shape[3]} do not fit a "
-                         f"{width}x{height} source at {s}x")
+    check_fit(reader, decoder, model.downscale)
     if model.num_frames(reader.num_frames) - int(meta["pad_frames"]) != frames:
         raise ValueError(f"{reader.path}: {reader.num_frames} latent frames do not give the recorded "
                          f"{frames} frames with {meta['pad_frames']} frames of end padding")
@@ -153,7 +142,7 @@ def decode_clip(reader: LatentReader, dst: Path, model: VideoAutoencoder, *, opt
             return images, np.asarray(pts[:len(images)], dtype=np.int64), ready
 
         _pump(_one_by_one(reader), work, write, "video-writer", bar)
-    return _done(report, t0, decoder, model)
+    return _finish(report, t0, decoder, model, norm=_NORM)
 
 
 def _one_by_one(reader: LatentReader):

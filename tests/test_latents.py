@@ -346,6 +346,17 @@ def test_non_finite_latents_are_refused(tmp_path, value, dtype):
     assert torch.equal(reader.read(0, 4), latents[:4])
     with pytest.raises(ValueError, match=f"n.safetensors: frame 4 holds {word} values"):
         list(reader)  # without verify(), reading refuses the frame
+    with pytest.raises(ValueError, match=f"frame 4 holds {word}"):
+        reader.verify()
+    with pytest.raises(ValueError, match=f"frame 4 holds {word}"):
+        reader.read(4, 5)  # a verify() that failed leaves reads checking
+
+
+def test_reads_after_a_passing_verify_are_the_stored_frames(tmp_path):
+    latents = torch.randn(5, 4, 4, 4)
+    reader = LatentReader(_write(tmp_path / "v.safetensors", latents), batch=2)
+    reader.verify()
+    assert torch.equal(torch.cat([b for b, _ in reader]), latents)
 
 
 def test_first_bad_frame_past_the_first_chunk(tmp_path, monkeypatch):

@@ -102,6 +102,7 @@ def test_api_round_trip_keeps_frames_and_timing(wan_folder, tmp_path):
     lat, out = tmp_path / "clip.safetensors", tmp_path / "out.mp4"
     rep = encode_video(clip, lat, str(wan_folder), batch=3)
     assert rep.frames == 7 and len(rep.latency_ms) == 7
+    assert rep.norm == "none (RMS norm)" and rep.cache_per_frame == [] and rep.seconds > 0
     with LatentReader(lat) as r:
         r.verify()
         assert r.shape == (3, 16, 5, 7)  # 7 frames padded to 9: 1 + 8/4 latent frames
@@ -111,7 +112,7 @@ def test_api_round_trip_keeps_frames_and_timing(wan_folder, tmp_path):
         src_pts = np.concatenate([b.pts for b in FrameReader(clip, batch=64)])
         assert r.pts.tolist() == [src_pts[0], src_pts[1], src_pts[5]]  # first frame of each latent frame
     rep = decode_video(lat, out, lossless=True)
-    assert rep.frames == 7
+    assert rep.frames == 7 and rep.norm == "none (RMS norm)" and rep.seconds > 0
     src, dst = probe_video(clip), probe_video(out)
     assert (dst.width, dst.height, dst.fps, dst.num_frames) == (50, 34, src.fps, 7)
     assert abs(dst.duration - src.duration) < 1e-3
