@@ -19,7 +19,7 @@ import torch
 from .coder import CoderOptions
 from .latents import LatentReader, LatentWriter
 from .models.video_autoencoder import VideoAutoencoder
-from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, check_fit, clip_metadata
+from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, _recorded_rotation, check_fit, clip_metadata
 from .stages import now, progress
 from .video import FrameReader, VideoWriter
 from .video_coder import VideoDecoder, VideoEncoder
@@ -119,7 +119,7 @@ def decode_clip(reader: LatentReader, dst: Path, model: VideoAutoencoder, *, opt
     first = [True]
     t0 = now()
     with VideoWriter(dst, width, height, reader.fps, crf=crf, preset=preset, lossless=lossless,
-                     time_base=clock.time_base) as out:
+                     time_base=clock.time_base, rotation=_recorded_rotation(reader.path, meta)) as out:
 
         def write(item):
             images, pts, ready = item

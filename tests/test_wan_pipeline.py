@@ -20,7 +20,7 @@ from codec.latents import LatentReader, LatentWriter
 from codec.models.config import WanConfig
 from codec.models.video_autoencoder import VideoAutoencoder
 from codec.pipeline import decode_video, encode_video
-from codec.video import FrameReader, probe_video
+from codec.video import FrameReader, VideoWriter, probe_video
 from codec.video_coder import VideoDecoder, VideoEncoder
 
 diffusers = pytest.importorskip("diffusers")
@@ -116,6 +116,15 @@ def test_api_round_trip_keeps_frames_and_timing(wan_folder, tmp_path):
     src, dst = probe_video(clip), probe_video(out)
     assert (dst.width, dst.height, dst.fps, dst.num_frames) == (50, 34, src.fps, 7)
     assert abs(dst.duration - src.duration) < 1e-3
+
+
+def test_rotation_is_kept(wan_folder, tmp_path):
+    clip, lat, out = tmp_path / "rot.mp4", tmp_path / "rot.safetensors", tmp_path / "out.mp4"
+    with VideoWriter(clip, 32, 32, 24, lossless=True, rotation=90) as w:
+        w.write(moving_square_frames(5, 32, 32))
+    encode_video(clip, lat, str(wan_folder))
+    decode_video(lat, out, lossless=True)
+    assert probe_video(clip).rotation == 90 and probe_video(out).rotation == 90
 
 
 def test_decode_refuses_other_statistics(wan_folder, tmp_path):
