@@ -166,6 +166,8 @@ def test_partial_taesd_pair_refused(tmp_path):
     ('{"family": "kl", "block_out_channels": "abc"}', "block_out_channels: expected a non-empty list"),
     ('{"family": "tiny", "scaling_factor": 0}', "positive finite scaling_factor"),
     ('{"family": "tiny", "colour": 1}', "unknown TinyConfig fields colour"),
+    ('{"family": "wan", "latents_mean": 5}', "latents_mean: expected null or a list of finite numbers"),
+    ('{"family": "wan", "decoder_base_dim": [1.5]}', "decoder_base_dim: expected a positive integer"),
 ])
 def test_bad_codec_config_metadata_refused(tmp_path, text, needle):
     p = tmp_path / "m.safetensors"

@@ -229,28 +229,32 @@ def checked_fields(cls: type, data: dict, where: str) -> dict:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} fields {', '.join(unknown)}")
-    return {name: _checked_value(value, known[name].default, f"{where}: {name}") for name, value in data.items()}
+    return {name: None if value is None and known[name].default is None
+            else _checked_value(value, _example(known[name]), f"{where}: {name}")
+            for name, value in data.items()}
+
+
+def _example(f) -> object:
+    """A value of field ``f``'s type: its default, or for an optional field (default None: Wan's
+    decoder width and latent statistics) one read from its annotation (``int | None`` or
+    ``tuple[float, ...] | None``)."""
+    if f.default is not None:
+        return f.default
+    return 1 if str(f.type).startswith("int") else (0.0,)
 
 
 def _checked_value(value: object, default: object, what: str):
-    """``value`` with the type of the field's ``default`` (ints positive; floats finite).
-    Optional fields (default None: Wan's decoder width and latent statistics) take None, a
-    positive integer or a list of finite numbers; a tuple of booleans takes a list of booleans."""
-    if default is None:
-        if value is None:
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _checked_value(value, 1, what)
-        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf") for v in value)
-        if not ok:
-            raise ValueError(f"{what}: expected null, a positive integer or a list of finite numbers, "
-                             f"got {value!r}"[:300])
-        return tuple(float(v) for v in value)
+    """``value`` with the type of the field's ``default`` (ints positive; floats finite); a tuple
+    of booleans takes a list of booleans, a tuple of floats a list of finite numbers."""
     if isinstance(default, tuple) and default and isinstance(default[0], bool):
         if not (isinstance(value, (list, tuple)) and all(isinstance(v, bool) for v in value)):
             raise ValueError(f"{what}: expected a list of true/false, got {value!r}"[:300])
         return tuple(value)
+    if isinstance(default, tuple) and default and isinstance(default[0], float):
+        if not (isinstance(value, (list, tuple)) and len(value) > 0 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf") for v in value)):
+            raise ValueError(f"{what}: expected null or a list of finite numbers, got {value!r}"[:300])
+        return tuple(float(v) for v in value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):

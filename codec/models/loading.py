@@ -175,7 +175,9 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
             raise ValueError(f"{folder}: has config.json but no diffusion_pytorch_model.safetensors")
         if isinstance(cfg_json, dict) and cfg_json.get("_class_name") == "AutoencoderKLWan":
             # The folder is the model's identity: its config.json holds the latent statistics.
-            return _finish(wan_diffusers_config(cfg_json, config_file), read_state_dict(weights)[0], folder)
+            cfg, state = wan_diffusers_config(cfg_json, config_file), read_state_dict(weights)[0]
+            _fit(cfg, state, folder)
+            return _finish(cfg, state, folder)
         family, declared = diffusers_config(cfg_json, str(config_file))
         state, _ = read_state_dict(weights)
         try:
@@ -225,7 +227,9 @@ def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None, 
     if layout.startswith("wan"):  # a Wan file states its architecture in its shapes; its preset its statistics
         if layout == "wan-original":
             state = wan_original_to_diffusers(state)
-        return _finish(wan_shape_config(state, path), state, path)
+        cfg = wan_shape_config(state, path)
+        _fit(cfg, state, path)
+        return _finish(cfg, state, path)
     if layout.startswith("kl"):
         if layout == "kl-ldm":
             state = ldm_to_diffusers(state)
@@ -334,9 +338,11 @@ def _first_line(e: Exception) -> str:
 
 
 def _finish(cfg: ModelConfig, state: dict, path: Path) -> Autoencoder:
-    _fit(cfg, state, path)
-    model = _new_model(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    """The model of ``cfg`` holding ``state`` (already checked by ``_fit``). Built on the meta device
+    and given float32 copies of the tensors: no random initialisation that the weights overwrite."""
+    with torch.device("meta"):
+        model = _new_model(cfg)
+    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, strict=True, assign=True)
     model.source = str(path)
     model.weights_sha256 = state_digest(model.state_dict())  # once per load; identity.weights_digest
     return model

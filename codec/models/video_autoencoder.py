@@ -74,23 +74,21 @@ class VideoAutoencoder(ModelFacts, WanNetwork):
             full = frames.shape[2] // f * f
             pieces += [frames[:, :, i:i + f] for i in range(0, full, f)]
             waiting[:] = [frames[:, :, full:].clone()] if frames.shape[2] > full else []
-            out = [self._encode_piece(p, state, sample, generator) for p in pieces]
-            if not out:
+            if not pieces:
                 return x.new_zeros(x.shape[0], self.latent_channels, 0, x.shape[3] // s, x.shape[4] // s,
                                    dtype=torch.float32, device=self.device)
-            return torch.cat(out, dim=2)
+            mu, std = self.latent_stats(self.device)  # once per call, not per piece: a host-to-device copy
+            return (torch.cat([self._encode_piece(p, state, sample, generator) for p in pieces], dim=2) - mu) / std
 
         return step
 
     def _encode_piece(self, x: torch.Tensor, state: State, sample: bool, generator) -> torch.Tensor:
         mean, logvar = (m.float() for m in self.encode_moments(x.to(self.device, self.dtype), state))
         self._check_finite(mean)
-        z = mean
-        if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * noise
-        mu, std = self.latent_stats(z.device)
-        return (z - mu) / std
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
 
     def decoder_stream(self):
         """A callable: z (N, C, t', h, w), the next t' >= 1 normalized latent frames -> (N, 3, t, H, W)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, WanConfig
+from .config import PRESETS, WanConfig, checked_fields
 
 _RESNET = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
            "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
@@ -164,27 +164,17 @@ def diffusers_config(cfg_json: dict, path: Path) -> WanConfig:
     for k in ("in_channels", "out_channels"):
         if cfg_json.get(k, 3) != want_in:
             raise ValueError(f"{path}: {k}={cfg_json.get(k)} does not fit patch_size={patch} (expected {want_in})")
-    z = int(cfg_json.get("z_dim", 16))
-    mean, std = cfg_json.get("latents_mean"), cfg_json.get("latents_std")
+    names = {"z_dim": "latent_channels", **{k: k for k in ("base_dim", "decoder_base_dim", "dim_mult", "num_res_blocks",
+             "temperal_downsample", "is_residual", "patch_size", "latents_mean", "latents_std")}}
+    stated = {ours: cfg_json[k] for k, ours in names.items() if cfg_json.get(k) is not None}
+    fields_ = checked_fields(WanConfig, stated, str(path))  # as our own config metadata is checked
     try:
-        cfg = WanConfig(
-            name="wan", base_dim=int(cfg_json.get("base_dim", 96)),
-            decoder_base_dim=cfg_json.get("decoder_base_dim"), latent_channels=z,
-            dim_mult=tuple(cfg_json.get("dim_mult", (1, 2, 4, 4))),
-            num_res_blocks=int(cfg_json.get("num_res_blocks", 2)),
-            temperal_downsample=tuple(bool(t) for t in cfg_json.get("temperal_downsample", (False, True, True))),
-            is_residual=bool(cfg_json.get("is_residual", False)), patch_size=int(patch),
-            latents_mean=tuple(float(v) for v in mean) if mean is not None else None,
-            latents_std=tuple(float(v) for v in std) if std is not None else None)
-    except (TypeError, ValueError) as e:
+        cfg = WanConfig(name="wan", **fields_)
+    except ValueError as e:
         raise ValueError(f"{path}: not a usable AutoencoderKLWan config ({e})") from None
     if cfg_json.get("scale_factor_spatial") not in (None, cfg.downscale):
         raise ValueError(f"{path}: scale_factor_spatial={cfg_json['scale_factor_spatial']} but the architecture "
                          f"downsamples {cfg.downscale}x")
-    arch = replace(cfg, latents_mean=None, latents_std=None)
-    for name in ("wan2.1", "wan2.2"):  # a released architecture with its statistics keeps its name
-        p = PRESETS[name]
-        if replace(p, name="wan", latents_mean=None, latents_std=None) == arch and \
-                (p.latents_mean, p.latents_std) == (cfg.latents_mean, cfg.latents_std):
-            return p
-    return cfg
+    # A released architecture with its statistics keeps its name.
+    p = _with_preset(replace(cfg, latents_mean=None, latents_std=None))
+    return p if (p.latents_mean, p.latents_std) == (cfg.latents_mean, cfg.latents_std) else cfg
