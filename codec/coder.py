@@ -20,7 +20,7 @@ from .global_norm import GlobalNorm
 from .models import Autoencoder
 from .models.layers import GroupNormAct
 from .sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
-from .tiling import TileLayout, TilePlan, activation_bytes, plan_tiles
+from .tiling import TilePlan, activation_bytes, plan_tiles
 
 NORM_MODES = ("auto", "tile", "global")
 CACHE_TILE = 256  # px: the tile size a threshold cache uses when no --tile is given
@@ -97,10 +97,9 @@ class _TiledCoder:
             tile = CACHE_TILE  # a threshold cache works per tile: whole frames rarely stay still
         self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, decode=decode,
                                          batch=options.batch, tile=tile, overlap=options.overlap)
-        lat_tile = (self.plan.tile or max(self.h8, self.w8)) // f
-        self.layout = TileLayout(self.h8 // f, self.w8 // f, lat_tile, self.plan.overlap // f)
+        self.layout = self.plan.layout(self.h8, self.w8, f)
         has_norm = any(isinstance(m, GroupNormAct) for m in model.modules())
-        frame_tiles = len(self.layout) * lat_tile**2 * f * f  # pixels of a frame's tiles in one batch
+        frame_tiles = self.layout.covered * f * f  # pixels of a frame's tiles in one batch
         tiles_fit = activation_bytes(model, frame_tiles, model.dtype, decode) <= budget
         self.global_norm = has_norm and not self.layout.is_whole_frame and (
             options.norm == "global" or (options.norm == "auto" and tiles_fit))

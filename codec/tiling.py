@@ -5,8 +5,12 @@ and its latent tile cover exactly the same region. Neighbouring tiles overlap; t
 them runs through the middle of the overlap, so each tile's core has about overlap/2 of context
 (margin) on every inner side, which its receptive field reads. Results are blended with a narrow
 raised-cosine hand-over at each cut, so no seam shows, and the least accurate tile borders get
-no weight. All tiles of a layout have one size, so tiles of several frames and positions go
-through the model as one batch.
+no weight. All tiles of a layout have one size (height and width may differ), so tiles of several
+frames and positions go through the model as one batch.
+
+:func:`plan_tiles` picks that size from a memory budget: the tile height and width, and so the
+tile count per axis, that cover the frame with the fewest computed pixels (the *waste factor*,
+pixels of all tiles over the frame's pixels, is 1.0 when no pixel is computed twice).
 """
 
 from __future__ import annotations
@@ -39,26 +43,43 @@ def axis_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 @dataclass
 class TileLayout:
-    """Tiles over a (height, width) latent canvas. ``tile``/``overlap`` in latent pixels."""
+    """Tiles over a (height, width) latent canvas. ``tile``: the tile size in latent pixels, one
+    int for square tiles or (tile height, tile width); ``overlap``: the least overlap of two
+    neighbours, latent pixels. A tile larger than the canvas is clipped to it (one tile on that axis)."""
 
     height: int
     width: int
-    tile: int
+    tile: int | tuple[int, int]
     overlap: int
     ys: list[int] = field(init=False)
     xs: list[int] = field(init=False)
 
     def __post_init__(self):
-        if self.tile < 1 or self.overlap < 0:
+        th, tw = (self.tile, self.tile) if isinstance(self.tile, int) else self.tile
+        if min(th, tw) < 1 or self.overlap < 0:
             raise ValueError(f"expected tile >= 1 and overlap >= 0 (latent px), got {self.tile}, {self.overlap}")
-        if self.overlap >= self.tile:
-            raise ValueError(f"overlap ({self.overlap * 8} px) must be smaller than the tile ({self.tile * 8} px)")
-        self.ys = axis_starts(self.height, self.tile, self.overlap)
-        self.xs = axis_starts(self.width, self.tile, self.overlap)
+        # An axis with one tile has no seam, so only a tiled axis needs tiles larger than the overlap.
+        if any(self.overlap >= t and t < size for t, size in ((th, self.height), (tw, self.width))):
+            raise ValueError(f"overlap ({self.overlap} latent px) must be smaller than the tile ({th}x{tw} latent px)")
+        self.ys = axis_starts(self.height, th, self.overlap)
+        self.xs = axis_starts(self.width, tw, self.overlap)
 
     @property
     def tile_hw(self) -> tuple[int, int]:
-        return min(self.tile, self.height), min(self.tile, self.width)
+        """(height, width) of every tile, latent pixels."""
+        th, tw = (self.tile, self.tile) if isinstance(self.tile, int) else self.tile
+        return min(th, self.height), min(tw, self.width)
+
+    @property
+    def covered(self) -> int:
+        """Latent pixels of all tiles of one frame: what the model computes per frame."""
+        th, tw = self.tile_hw
+        return len(self) * th * tw
+
+    @property
+    def waste(self) -> float:
+        """Pixels of all tiles over the frame's pixels: 1.0 when no pixel is computed twice."""
+        return self.covered / (self.height * self.width)
 
     @property
     def origins(self) -> list[tuple[int, int]]:
@@ -226,24 +247,84 @@ def activation_bytes(model, pixels: int, dtype: torch.dtype, decode: bool) -> in
 
 @dataclass(frozen=True)
 class TilePlan:
-    """tile/overlap in pixels (None tile = whole frames); batch = images per model call."""
+    """How frames are cut, in pixels: ``tile_hw`` (height, width) of every tile (None: whole
+    frames, or square ``tile`` tiles for a plan made without :func:`plan_tiles`); ``tile`` the
+    larger side (None: whole frames); ``overlap`` the least overlap of two neighbouring tiles;
+    ``batch`` images per model call."""
 
     tile: int | None
     overlap: int
     batch: int
+    tile_hw: tuple[int, int] | None = None
+
+    def layout(self, height: int, width: int, factor: int) -> TileLayout:
+        """This plan's tiles over a (height, width) px frame (multiples of ``factor``), in latent
+        units; ``layout(...).waste`` is the plan's waste factor."""
+        th, tw = self.tile_hw or (self.tile or max(height, width),) * 2
+        return TileLayout(height // factor, width // factor, (th // factor, tw // factor), self.overlap // factor)
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
+def axis_options(size: int, overlap: int, smallest: int, largest: int) -> list[tuple[int, int]]:
+    """(count, tile) for every useful tile count along an axis of ``size`` latent px: the smallest
+    tile (between ``smallest`` and ``largest``) that covers the axis with neighbours overlapping by
+    at least ``overlap``. n tiles of t cover it when n*t - (n-1)*overlap >= size, so
+    t = overlap + ceil((size - overlap) / n); one tile is the whole axis. A count that gives the
+    same tile as a smaller count is dropped: that tile's layout (:func:`axis_starts`) uses the smaller."""
+    options = [(1, size)] if size <= largest else []
+    previous = size
+    for n in range(2, size - overlap + 1):
+        t = overlap + -(-(size - overlap) // n)
+        if t < smallest:
+            break
+        if t < previous and t <= largest:
+            options.append((n, t))
+        previous = t
+    return options
+
+
+def best_grid(height: int, width: int, overlap: int, max_area: int, smallest: int,
+              largest: int) -> tuple[int, int] | None:
+    """(tile height, tile width) in latent px covering a (height, width) latent canvas with the
+    fewest computed pixels (tile count x tile area), tiles of at most ``max_area`` pixels with
+    sides in [smallest, largest] (or the whole axis); ties go to fewer tiles (fewer, larger tiles
+    keep a GPU busier), then squarer ones. None when no tile fits."""
+    best = None
+    for ny, th in axis_options(height, overlap, smallest, largest):
+        for nx, tw in axis_options(width, overlap, smallest, largest):
+            if th * tw <= max_area:
+                key = (ny * nx * th * tw, ny * nx, abs(th - tw), -th)
+                best = min(best or (key, th, tw), (key, th, tw))
+    return None if best is None else best[1:]
+
+
+def largest_area(cost, limit: int, budget_bytes: int) -> int:
+    """The largest a in [0, limit] with cost(a) <= budget_bytes, by bisection (cost increases with a)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget_bytes else (lo, mid - 1)
+    return lo
+
+
+LARGEST_TILE = 1024  # px: the default overlap is a quarter of the largest square tile that fits, up to this
+
+
 def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.dtype, *, decode: bool,
                batch: int | None = None, tile: int | None = None, overlap: int | None = None) -> TilePlan:
     """Choose tile and batch sizes so a model call of the encoder (``decode=False``) or the decoder
-    fits ``budget_bytes``, from that direction's :func:`activation_bytes`.
+    fits ``budget_bytes``, from that direction's :func:`activation_bytes`. Sizes in pixels, multiples
+    of the model's factor; ``height``/``width`` too.
 
-    Whole frames when one fits, else the largest tile from a ladder of sizes that does. Explicit
-    ``tile``/``overlap``/``batch`` are checked and kept. Sizes in pixels, multiples of 8.
+    Whole frames when one fits (and no ``tile`` is given). Else the tile height and width, not
+    necessarily equal, that cover the frame with the fewest computed pixels (:func:`best_grid`)
+    while one tile fits the budget and every two neighbours overlap by at least ``overlap``
+    (default: a quarter of the largest square tile that fits, at most 256 px). A given ``tile`` is
+    the largest side a tile may have: tiles are shrunk to the least size that covers the frame with
+    the asked overlap. Explicit ``overlap``/``batch`` are kept.
     """
     f = model.downscale
     for name, v in (("tile", tile), ("overlap", overlap)):
@@ -256,24 +337,30 @@ def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.d
     if budget_bytes <= 0:
         raise ValueError(f"the memory budget must be positive, got {budget_bytes} bytes")
 
-    def cost(t_h: int, t_w: int) -> int:
-        return activation_bytes(model, t_h * t_w, dtype, decode=decode)
+    def cost(pixels: int) -> int:
+        return activation_bytes(model, pixels, dtype, decode=decode)
 
-    if tile is None and cost(height, width) <= budget_bytes:
-        chosen = None
-        per = cost(height, width)
-    else:
-        ladder = [tile] if tile is not None else [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64)
-                                                   if t < max(height, width)]
-        chosen = next((t for t in ladder if cost(min(t, height), min(t, width)) <= budget_bytes), None)
-        if chosen is None:  # the smallest candidate, or the whole frame when no tile is smaller
-            h, w = (min(ladder[-1], height), min(ladder[-1], width)) if ladder else (height, width)
-            what = f"one {h}x{w} tile" if ladder else f"one {h}x{w} frame (no smaller tile is useful)"
-            raise ValueError(f"the memory budget ({_mib(budget_bytes)}) is too small for {what}: the "
-                             f"{'decoder' if decode else 'encoder'} needs about {_mib(cost(h, w))}; "
-                             "raise --max-memory")
-        per = cost(min(chosen, height), min(chosen, width))
+    def with_batch(plan_tile, plan_overlap, hw, per) -> TilePlan:
+        fits = max(1, budget_bytes // max(per, 1))
+        return TilePlan(tile=plan_tile, overlap=plan_overlap, batch=int(batch or min(fits, 16)), tile_hw=hw)
+
+    if tile is None and cost(height * width) <= budget_bytes:
+        return with_batch(None, overlap or 0, None, cost(height * width))
+    lat_h, lat_w = height // f, width // f
+    max_area = largest_area(lambda a: cost(a * f * f), lat_h * lat_w, budget_bytes)  # latent px
     if overlap is None:
-        overlap = 0 if chosen is None else max(f * 4, (chosen // 4) // f * f)
-    fits = max(1, budget_bytes // max(per, 1))
-    return TilePlan(tile=chosen, overlap=overlap, batch=int(batch or min(fits, 16)))
+        side = tile if tile is not None else min(math.isqrt(max_area) * f, LARGEST_TILE)
+        overlap = max(f * 4, side // 4 // f * f)
+    o = overlap // f
+    largest = tile // f if tile is not None else max(lat_h, lat_w)
+    smallest = min(largest, o + LATENT_MIN_TILE)  # a core of at least LATENT_MIN_TILE, unless --tile says less
+    grid = best_grid(lat_h, lat_w, o, max_area, smallest, largest)
+    if grid is None:
+        h, w = min(smallest, lat_h) * f, min(smallest, lat_w) * f
+        what = f"one {h}x{w} frame (no smaller tile is useful)" if (h, w) == (height, width) else f"one {h}x{w} tile"
+        raise ValueError(f"the memory budget ({_mib(budget_bytes)}) is too small for {what}: the "
+                         f"{'decoder' if decode else 'encoder'} needs about {_mib(cost(h * w))}; raise --max-memory")
+    th, tw = grid[0] * f, grid[1] * f
+    per = cost(th * tw)
+    assert per <= budget_bytes, (th, tw, per, budget_bytes)  # the bisection assumes cost grows with area
+    return with_batch(max(th, tw), overlap, (th, tw), per)

@@ -113,12 +113,12 @@ def test_a_planned_batch_fits_its_budget(decode):
     budget = 40 << 20
     plan = plan_tiles(model, 512, 768, budget, torch.float32, decode=decode)
     assert plan.tile is not None and plan.batch >= 1
-    t, f = plan.tile, model.downscale
+    (th, tw), f = plan.tile_hw, model.downscale
     if decode:
-        z = torch.randn(plan.batch, 4, t // f, t // f)
+        z = torch.randn(plan.batch, 4, th // f, tw // f)
         live = measured_peak(lambda: model.decode(z))
     else:
-        x = torch.rand(plan.batch, 3, t, t) * 2 - 1
+        x = torch.rand(plan.batch, 3, th, tw) * 2 - 1
         live = measured_peak(lambda: model.encode(x))
     print(f"{'decode' if decode else 'encode'} plan {plan}: measured {live / 2**20:.1f} MiB of {budget >> 20} MiB")
     assert live <= budget
@@ -131,5 +131,5 @@ def test_no_tile_fits_says_so_in_one_line():
         plan_tiles(model, 48, 48, 1000, torch.float32, decode=True)
     with pytest.raises(ValueError, match=r"\(1000 bytes\) is too small for one 64x64 tile: the encoder"):
         plan_tiles(model, 720, 1280, 1000, torch.float32, decode=False)
-    with pytest.raises(ValueError, match="too small for one 256x256 tile"):
+    with pytest.raises(ValueError, match=r"too small for one \d+x\d+ tile"):  # the smallest of at most 256 px
         plan_tiles(model, 720, 1280, 1000, torch.float32, decode=False, tile=256)
