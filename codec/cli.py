@@ -127,7 +127,8 @@ def _print_run(name: str, r) -> None:
     print(f"{name}: {s['frames']} frames in {s['seconds']:.2f} s ({s['fps']:.2f} fps), latency p50 "
           f"{s['p50_ms']:.1f} ms p95 {s['p95_ms']:.1f} ms{cache}, peak host {s['peak_host_mb']:.0f} MiB"
           + (f", peak device {s['peak_device_mb']:.0f} MiB" if s["peak_device_mb"] else "")
-          + (f", tiles {s['tile']}px/{s['overlap']}px norm={s['norm']}" if s["tile"] else ""))
+          + (f", tiles up to {s['tile']}px/{s['overlap']}px, waste {s['tile_waste']:.2f}x, norm={s['norm']}"
+             if s["tile"] else ""))
     if r.fp32_fallbacks:
         print(f"  note: {r.fp32_fallbacks} batches overflowed in half precision and were recomputed in float32")
     if r.missing_frames:

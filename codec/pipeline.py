@@ -49,6 +49,7 @@ class RunReport:
     peak_host_mb: float = 0.0
     peak_device_mb: float | None = None
     tile: int | None = None
+    tile_waste: float = 1.0  # pixels of a frame's tiles / the frame's pixels (1.0: none computed twice)
     overlap: int = 0
     norm: str = "tile"
     psnr: list[float] = field(default_factory=list)
@@ -84,7 +85,7 @@ def _finish(report: RunReport, start: float, coder, model: Autoencoder, stats: C
     report.peak_host_mb = peak_host_mb()
     if model.device.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
-    report.tile, report.overlap = coder.plan.tile, coder.plan.overlap
+    report.tile, report.overlap, report.tile_waste = coder.plan.tile, coder.plan.overlap, coder.layout.waste
     report.norm = norm or ("global" if coder.global_norm else "tile")
     return report
 

@@ -270,18 +270,19 @@ def _mib(n: int) -> str:
 
 def axis_options(size: int, overlap: int, smallest: int, largest: int) -> list[tuple[int, int]]:
     """(count, tile) for every useful tile count along an axis of ``size`` latent px: the smallest
-    tile (between ``smallest`` and ``largest``) that covers the axis with neighbours overlapping by
-    at least ``overlap``. n tiles of t cover it when n*t - (n-1)*overlap >= size, so
-    t = overlap + ceil((size - overlap) / n); one tile is the whole axis. A count that gives the
-    same tile as a smaller count is dropped: that tile's layout (:func:`axis_starts`) uses the smaller."""
+    tile, at least ``smallest`` (> overlap) and at most ``largest``, that covers the axis with
+    neighbours overlapping by at least ``overlap``. n tiles of t cover it when
+    n*t - (n-1)*overlap >= size, so t = overlap + ceil((size - overlap) / n); one tile is the whole
+    axis. A count that gives the same tile as a smaller count is dropped: that tile's layout
+    (:func:`axis_starts`) uses the smaller count."""
     options = [(1, size)] if size <= largest else []
     previous = size
     for n in range(2, size - overlap + 1):
-        t = overlap + -(-(size - overlap) // n)
-        if t < smallest:
-            break
+        t = max(smallest, overlap + -(-(size - overlap) // n))
         if t < previous and t <= largest:
             options.append((n, t))
+        if t == smallest:  # more tiles would be just as large
+            break
         previous = t
     return options
 
