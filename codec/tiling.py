@@ -311,7 +311,9 @@ def largest_area(cost, limit: int, budget_bytes: int) -> int:
     return lo
 
 
-LARGEST_TILE = 1024  # px: the default overlap is a quarter of the largest square tile that fits, up to this
+# px: the default overlap is a quarter of the largest of these square tiles (clipped to the frame) that
+# fits the budget: the overlap the former planner asked (it used these tiles as they were).
+OVERLAP_LADDER = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
 
 
 def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.dtype, *, decode: bool,
@@ -323,7 +325,8 @@ def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.d
     Whole frames when one fits (and no ``tile`` is given). Else the tile height and width, not
     necessarily equal, that cover the frame with the fewest computed pixels (:func:`best_grid`)
     while one tile fits the budget and every two neighbours overlap by at least ``overlap``
-    (default: a quarter of the largest square tile that fits, at most 256 px). A given ``tile`` is
+    (default: a quarter of the largest of 1024, 768, 512, ... px square tiles that fits, at least
+    4 latent px; a quarter of ``tile`` when that is given). A given ``tile`` is
     the largest side a tile may have: tiles are shrunk to the least size that covers the frame with
     the asked overlap. Explicit ``overlap``/``batch`` are kept.
     """
@@ -350,7 +353,9 @@ def plan_tiles(model, height: int, width: int, budget_bytes: int, dtype: torch.d
     lat_h, lat_w = height // f, width // f
     max_area = largest_area(lambda a: cost(a * f * f), lat_h * lat_w, budget_bytes)  # latent px
     if overlap is None:
-        side = tile if tile is not None else min(math.isqrt(max_area) * f, LARGEST_TILE)
+        fitting = (t for t in OVERLAP_LADDER
+                   if t < max(height, width) and min(t, height) * min(t, width) <= max_area * f * f)
+        side = tile if tile is not None else next(fitting, 0)
         overlap = max(f * 4, side // 4 // f * f)
     o = overlap // f
     largest = tile // f if tile is not None else max(lat_h, lat_w)

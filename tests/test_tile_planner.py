@@ -117,6 +117,8 @@ def test_waste_at_1080p_is_lower_than_the_old_rule():
     budget = activation_bytes(model, 768 * 768, torch.float16, decode=True)
     before = TileLayout(h // f, w // f, 768 // f, 192 // f)
     assert seams(before.ys, 768 // f) == [456 // f]  # the figure: two rows over 1080 px
+    # Unasked, the overlap is what the former planner asked: a quarter of its 768 px tile (1024 does not fit).
+    assert plan_tiles(model, h, w, budget, torch.float16, decode=True).overlap == 192
     for kwargs in (dict(), dict(tile=768)):
         plan = plan_tiles(model, h, w, budget, torch.float16, decode=True, overlap=192, **kwargs)
         after = plan.layout(h, w, f)
