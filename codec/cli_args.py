@@ -84,7 +84,7 @@ def add_coder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int_at_least(1), default=None,
                    help="frames read and coded together (default 4; fewer: lower latency, more: throughput)")
     g.add_argument("--tile", type=int_at_least(8), default=None,
-                   help="tile size in px, a multiple of 8 (default: the whole frame if it fits the budget)")
+                   help="largest tile side in px, a multiple of 8 (default: the whole frame if it fits the budget)")
     g.add_argument("--overlap", type=int_at_least(0), default=None, help="tile overlap in px (default: tile/4)")
     g.add_argument("--max-memory", type=_memory_arg, default=None,
                    help="memory budget, e.g. 4G (default: 70%% of free GPU memory, 4G on the CPU)")
