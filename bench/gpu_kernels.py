@@ -108,7 +108,7 @@ def cases(dev: torch.device, smoke: bool = False):
                        lambda x=x, w=w, b=b: kernels.group_norm(x, 32, w, b, act="silu"),
                        "F.group_norm+F.silu", lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, 1e-6)))
             # The split form global-norm tiling uses: statistics of two halves, merged, applied.
-            halves = x.split((shape[2] + 1) // 2, dim=2)
+            halves = [h.contiguous(memory_format=fmt) for h in x.split((shape[2] + 1) // 2, dim=2)]  # two tiles
             stats = lambda x=x, halves=halves: kernels.merge_group_stats(  # noqa: E731
                 [kernels.group_norm_stats(h, 32) for h in halves])
             count, mean, m2 = stats()

@@ -515,7 +515,8 @@ def main(argv=None) -> int:
     out_dir = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="gpu-models-smoke-")) if args.smoke
                            else ROOT / "bench" / "results")
     slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
-    stem = args.stem or out_dir / f"gpu-models-{slug}-{datetime.date.today().isoformat()}{'-smoke' if args.smoke else ''}"
+    suffix = "-smoke" if args.smoke else ""
+    stem = args.stem or out_dir / f"gpu-models-{slug}-{datetime.date.today().isoformat()}{suffix}"
     rows: list[dict] = []
     notes: list[str] = []
     if diffusers is None:
