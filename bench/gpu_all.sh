@@ -11,8 +11,8 @@
 # from its checkout (PYTHONPATH). Steps, each under `timeout`, all inside GPU_ALL_SECONDS (default
 # 560 s; the sparse step's share is kept back while the models run):
 #   setup    install the wheels, print the GPU and the versions
-#   tests    pytest tests/test_accel.py -k cuda (+ tests/test_sync_free.py when it exists: its
-#            torch.cuda.set_sync_debug_mode checks), real Triton kernels (TRITON_INTERPRET=0)
+#   tests    pytest tests/test_accel.py -k cuda, real Triton kernels (TRITON_INTERPRET=0)
+#   sync-tests  pytest tests/test_sync_free.py when it exists (its torch.cuda.set_sync_debug_mode checks)
 #   kernels  bench/gpu_kernels.py: every kernel on CUDA against its torch reference, then timed
 #   models   bench/gpu_models.py: SD 1.x widths (512, 1080p), tiny models at 1080p, fp16, batch 1:
 #            ours vs diffusers eager and torch.compile'd (same weights, same run); a compile is
@@ -208,10 +208,10 @@ main() {
     fn_step setup setup
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
     sparse_plan
-    local tests=(tests/test_accel.py)
-    [ -f tests/test_sync_free.py ] && tests+=(tests/test_sync_free.py)
+    local pytest=("$PY" -m pytest -q -p no:cacheprovider -o addopts="" -ra)
     if [ "$DRY" = 1 ]; then
-        step tests "$(min 120 "$(left)")" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -ra "${tests[@]}" -k cuda
+        step tests "$(min 120 "$(left)")" "${pytest[@]}" tests/test_accel.py -k cuda
+        [ -f tests/test_sync_free.py ] && step sync-tests "$(min 120 "$(left)")" "${pytest[@]}" tests/test_sync_free.py
         step kernels "$(min 120 "$(left)")" env TRITON_INTERPRET=1 "$PY" bench/gpu_kernels.py --smoke \
             --json "$RES/kernels.json"
         # shellcheck disable=SC2086  # GPU_MODELS_ARGS is a list of flags
@@ -219,7 +219,8 @@ main() {
             --smoke --stem "$RES/models" --taef2-weights "$DATA/weights" ${GPU_MODELS_ARGS:-}
     else
         export TRITON_INTERPRET=0  # real CUDA kernels (tests/conftest.py defaults it to 1)
-        step tests "$(min 60 "$(left)")" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -ra "${tests[@]}" -k cuda
+        step tests "$(min 60 "$(left)")" "${pytest[@]}" tests/test_accel.py -k cuda
+        [ -f tests/test_sync_free.py ] && step sync-tests "$(min 90 "$(left)")" "${pytest[@]}" tests/test_sync_free.py
         step kernels "$(min 120 "$(left)")" "$PY" bench/gpu_kernels.py --reps 30 --json "$RES/kernels.json"
         local limit
         limit=$(min 420 $(($(left) - SPARSE_RESERVE - 15)))

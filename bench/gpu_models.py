@@ -263,7 +263,7 @@ def run_case(case: Case, args, dev, dtype, rows: list, notes: list) -> None:
     notes.append(f"{case.name}: {source}")
     ref = make_reference(model)
     if ref is None:
-        why = DIFFUSERS_ERROR or "no diffusers counterpart (TAEF2 pool branches)"
+        why = DIFFUSERS_ERROR or "no diffusers counterpart (TAEF2 pool branches, or the pixel-shuffle layout)"
         notes.append(f"{case.name}: no diffusers baseline: {why}")
     ins = inputs(model, case, dev, dtype)
     # Truth: fp32, TF32 off; diffusers when it can hold the model, else ours with torch kernels.

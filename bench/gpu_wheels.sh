@@ -64,4 +64,5 @@ awk -v w="$wheel_bytes" -v d="$data_bytes" -v t="$tree_bytes" 'BEGIN { printf \
 [ "$total" -le $((64 << 20)) ] || { echo "gpu_wheels: over the 64 MiB a device call may carry" >&2; exit 1; }
 echo "device command:"
 echo "  run(command=\"bash bench/gpu_all.sh\", timeout_s=600,"
-echo "      carry=[$(IFS=,; echo "${carry[*]}" | sed 's/,/, /g')])"
+joined=$(printf '%s, ' "${carry[@]}")
+echo "      carry=[${joined%, }])"
