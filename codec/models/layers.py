@@ -75,7 +75,9 @@ class UpsampleConv:
 
     def __call__(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         w = conv.weight
-        if torch.is_grad_enabled() and w.requires_grad:  # training: fold inside the autograd graph
+        # Training folds inside the autograd graph; torch.compile folds inside its graph (the
+        # cache key below compares data pointers, which dynamo cannot trace).
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             folded = kernels.fold_weight(w)
         else:  # inference: fold once per weight version, dtype and device
             key = (w._version, w.dtype, w.device, w.data_ptr())
