@@ -7,10 +7,16 @@ Everything else, and any call made while the reference is forced, runs the pure-
 Force the reference with the environment variable ``CODEC_KERNELS=reference``, with
 :func:`force_reference` (a context manager), or per call with ``reference=True``.
 
+Every kernel's Triton path is a ``torch.library`` custom op, ``torch.ops.codec.<kernel>``, with a
+fake implementation (shapes, dtypes, strides), so ``torch.compile(fullgraph=True)`` keeps it in
+one graph as an opaque call. The public function of each kernel makes the dispatch decision
+(:func:`triton_ready`) before the op, in Python that dynamo traces and guards on; the op holds
+only the launch.
+
 A kernel that Triton cannot compile or launch on this machine (a compiler error, too little shared
-memory, ptxas failing, a launch the driver refuses) is not fatal: :func:`run_kernel` warns once
-and that kernel runs its reference from then on, so a new GPU or Triton version degrades speed,
-never results.
+memory, ptxas failing, a launch the driver refuses) is not fatal: :func:`launch_or_fallback`, which
+runs inside the op, warns once and returns the reference's result, and that kernel runs its
+reference from then on, so a new GPU or Triton version degrades speed, never results.
 
 Launch grids: CUDA allows up to 2**31 - 1 programs along grid x but only 65535 along y and z, so
 every kernel here runs on the 1-D grid :func:`launch_grid` returns and loops over its units of work
@@ -96,15 +102,24 @@ def _is_launch_error(err: Exception) -> bool:
         isinstance(err, RuntimeError) and str(err).startswith(_REFUSED_LAUNCH))
 
 
-def run_kernel(name: str, tensors: tuple[torch.Tensor, ...], reference: bool,
-               triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
-    """Every kernel's entry point: ``triton_call()`` where the dispatch rule sends ``tensors`` to
-    Triton (``use_triton``) and Triton can run ``name`` here, else ``reference_call()``.
+def triton_ready(name: str, *tensors: torch.Tensor, reference: bool = False) -> bool:
+    """Whether a call of kernel ``name`` on ``tensors`` goes to its Triton op: the dispatch rule
+    (:func:`use_triton`) and ``name`` not known to be unusable here.
 
-    The first failure to build or launch ``name`` warns (naming the kernel and the error) and is
-    remembered for the process; other errors propagate.
+    Pure Python on devices, the environment and two module-level states, so ``torch.compile``
+    traces it without a graph break (and guards on what it read); the public kernel functions
+    decide with it OUTSIDE their ``torch.ops.codec`` op, which holds only the launch."""
+    return use_triton(*tensors, reference=reference) and name not in _unusable
+
+
+def launch_or_fallback(name: str, triton_call: Callable[[], T], reference_call: Callable[[], T]) -> T:
+    """``triton_call()``, or ``reference_call()`` once Triton has failed to build or launch ``name``
+    here. Runs eagerly, inside a custom op's real implementation (never traced).
+
+    The first such failure warns (naming the kernel and the error) and is remembered for the
+    process (later calls do not reach the op: :func:`triton_ready`); other errors propagate.
     """
-    if use_triton(*tensors, reference=reference) and name not in _unusable:
+    if name not in _unusable:
         try:
             return triton_call()
         except Exception as err:

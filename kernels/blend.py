@@ -3,6 +3,7 @@
 out = sum_k w_k * tile_k / sum_k w_k wherever a tile covers a pixel, 0 elsewhere. The kernel
 scatters numerator and weight sum with float atomics (tiles overlap, so two programs may add to
 one pixel): the result is exact up to the order of additions, which may vary between runs.
+The Triton path is the custom op ``torch.ops.codec.blend_tiles`` (see ``_dispatch``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
+from torch.library import custom_op
 
-from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, launch_or_fallback, triton_ready
 
 if HAVE_TRITON:
     import triton
@@ -113,9 +116,22 @@ def blend_tiles(tiles, origins, window, out_shape, reference=False):
     """
     _check(tiles, origins, window, out_shape)
     shape = tuple(int(s) for s in out_shape)
-    return run_kernel("blend_tiles", (tiles, origins, window), reference,
-                      lambda: _blend_triton(tiles, origins, window, shape),
-                      lambda: _reference(tiles, origins.to(torch.int64), window, shape))
+    if triton_ready("blend_tiles", tiles, origins, window, reference=reference):
+        return torch.ops.codec.blend_tiles(tiles, origins, window, shape)
+    return _reference(tiles, origins.to(torch.int64), window, shape)
+
+
+@custom_op("codec::blend_tiles", mutates_args=())
+def _blend_op(tiles: Tensor, origins: Tensor, window: Tensor, out_shape: list[int]) -> Tensor:
+    """The Triton path of :func:`blend_tiles` (inputs checked by it)."""
+    shape = tuple(out_shape)
+    return launch_or_fallback("blend_tiles", lambda: _blend_triton(tiles, origins, window, shape),
+                              lambda: _reference(tiles, origins.to(torch.int64), window, shape))
+
+
+@_blend_op.register_fake
+def _blend_fake(tiles, origins, window, out_shape):
+    return tiles.new_empty(tuple(out_shape), dtype=torch.float32)
 
 
 def _blend_triton(tiles, origins, window, out_shape):

@@ -3,13 +3,17 @@
 Both directions are exact twins of their torch references: the input side computes
 ``(2 * v - 255) * (1 / 255)`` (the subtraction is exact, so one rounding, no FMA to differ on)
 and the output side rounds half to even from an exact floor/fraction split, like ``torch.round``.
+The Triton paths are the custom ops ``torch.ops.codec.frames_to_input`` and
+``torch.ops.codec.output_to_frames`` (see ``_dispatch``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+from torch.library import custom_op
 
-from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, launch_or_fallback, triton_ready
 
 _INV255 = 1.0 / 255.0
 
@@ -101,9 +105,27 @@ def frames_to_input(frames, size=None, dtype=torch.float32, channels_last=False,
     h2, w2 = (h, w) if size is None else (int(size[0]), int(size[1]))
     if h2 < h or w2 < w or h == 0 or w == 0:
         raise ValueError(f"size must be >= the frame size {(h, w)}, got {(h2, w2)}")
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return run_kernel("frames_to_input", (frames,), reference, lambda: _input_triton(frames, h2, w2, dtype, fmt),
-                      lambda: _input_reference(frames, h2, w2, dtype, fmt))
+    if triton_ready("frames_to_input", frames, reference=reference):
+        return torch.ops.codec.frames_to_input(frames, h2, w2, dtype, channels_last)
+    return _input_reference(frames, h2, w2, dtype, _format(channels_last))
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@custom_op("codec::frames_to_input", mutates_args=())
+def _input_op(frames: Tensor, h2: int, w2: int, dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """The Triton path of :func:`frames_to_input` (inputs checked by it)."""
+    fmt = _format(channels_last)
+    return launch_or_fallback("frames_to_input", lambda: _input_triton(frames, h2, w2, dtype, fmt),
+                              lambda: _input_reference(frames, h2, w2, dtype, fmt))
+
+
+@_input_op.register_fake
+def _input_fake(frames, h2, w2, dtype, channels_last):
+    return torch.empty((frames.shape[0], 3, h2, w2), device=frames.device, dtype=dtype,
+                       memory_format=_format(channels_last))
 
 
 def _input_triton(frames, h2, w2, dtype, fmt):
@@ -141,8 +163,21 @@ def output_to_frames(x, height=None, width=None, reference=False):
     width = w if width is None else int(width)
     if not (0 < height <= h and 0 < width <= w):
         raise ValueError(f"crop {(height, width)} must lie within the tensor's {(h, w)}")
-    return run_kernel("output_to_frames", (x,), reference, lambda: _frames_triton(x, height, width),
-                      lambda: _frames_reference(x, height, width))
+    if triton_ready("output_to_frames", x, reference=reference):
+        return torch.ops.codec.output_to_frames(x, height, width)
+    return _frames_reference(x, height, width)
+
+
+@custom_op("codec::output_to_frames", mutates_args=())
+def _frames_op(x: Tensor, height: int, width: int) -> Tensor:
+    """The Triton path of :func:`output_to_frames` (inputs checked by it)."""
+    return launch_or_fallback("output_to_frames", lambda: _frames_triton(x, height, width),
+                              lambda: _frames_reference(x, height, width))
+
+
+@_frames_op.register_fake
+def _frames_fake(x, height, width):
+    return torch.empty((x.shape[0], height, width, 3), device=x.device, dtype=torch.uint8)
 
 
 def _frames_triton(x, height, width):

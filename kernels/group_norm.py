@@ -7,15 +7,22 @@ same two steps on one tensor.
 
 Layouts: x is (N, C, H, W), contiguous NCHW or channels_last. Inside a launch a group of sample
 n is addressed as ``n * stride_n + c * stride_c + p * stride_p`` with p = h * W + w, which holds
-for both layouts because H and W are always dense relative to each other.
+for both layouts because H and W are always dense relative to each other. The launchers pass the
+canonical strides of the format (computed from the shape: torch leaves the strides of size-1
+dimensions arbitrary), so no strided view of x is ever made.
+
+The Triton paths are the custom ops ``torch.ops.codec.group_norm`` (with its autograd formula),
+``group_norm_stats`` and ``group_norm_apply``; see ``_dispatch``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.library import custom_op
 
-from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, launch_or_fallback, triton_ready
 
 _ACTS = {None: 0, "silu": 1, "relu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,20 +132,23 @@ def _check(x: torch.Tensor, num_groups: int, act=None, weight=None, bias=None) -
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
-    """x made dense in NCHW or channels_last (whichever it already is), and that format.
+def _format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of x and of every output shaped like it: channels_last when x is dense in
+    it (and not also NCHW-contiguous), else NCHW (a non-dense x is made contiguous)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
-    The view returned has the canonical strides of its format: torch leaves the strides of
-    size-1 dimensions arbitrary, and the kernels address pixels as h * W + w.
-    """
+
+def _dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format, tuple[int, int, int]]:
+    """x dense in its format (no copy when it already is), the format, and the element strides
+    (n, c, p) the kernels use, p = h * W + w: the format's canonical strides, correct for every
+    dimension of size > 1 (the only ones ever indexed past 0)."""
+    fmt = _format(x)
+    x = x.contiguous(memory_format=fmt)
     n, c, h, w = x.shape
-    if x.is_contiguous():
-        fmt, strides = torch.contiguous_format, (c * h * w, h * w, w, 1)
-    elif x.is_contiguous(memory_format=torch.channels_last):
-        fmt, strides = torch.channels_last, (h * w * c, 1, w * c, c)
-    else:
-        return x.contiguous(), torch.contiguous_format
-    return x.as_strided(x.shape, strides, x.storage_offset()), fmt
+    strides = (c * h * w, h * w, 1) if fmt == torch.contiguous_format else (h * w * c, 1, c)
+    return x, fmt, strides
 
 
 def _geometry(x: torch.Tensor, num_groups: int, fmt):
@@ -194,14 +204,13 @@ def _merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, dim: int):
 
 
 def _stats_triton(x: torch.Tensor, num_groups: int):
-    x, fmt = _layout(x)
+    x, fmt, strides = _dense(x)
     n, cpg, hw, numel, block, pix_major = _geometry(x, num_groups, fmt)
     rows = n * num_groups
     splits, chunk, total = stats_work(x.shape, num_groups)
     parts = torch.empty((3, rows, splits), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[launch_grid(total)](
-        x, parts[0], parts[1], parts[2], num_groups, cpg, hw,
-        x.stride(0), x.stride(1), x.stride(3), numel, chunk, splits, total,
+        x, parts[0], parts[1], parts[2], num_groups, cpg, hw, *strides, numel, chunk, splits, total,
         PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
     )
     count, mean, m2 = _merge(parts[0], parts[1], parts[2], dim=1)
@@ -227,9 +236,21 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, reference: bool = False):
     A call that needs gradients runs the (differentiable) reference.
     """
     _check(x, num_groups)
-    reference = reference or _needs_grad(x)
-    return run_kernel("group_norm_stats", (x,), reference, lambda: _stats_triton(x, num_groups),
-                      lambda: _stats_reference(x, num_groups))
+    if triton_ready("group_norm_stats", x, reference=reference or _needs_grad(x)):
+        return torch.ops.codec.group_norm_stats(x, num_groups)
+    return _stats_reference(x, num_groups)
+
+
+@custom_op("codec::group_norm_stats", mutates_args=())
+def _stats_op(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton path of :func:`group_norm_stats` (inputs checked by it)."""
+    return launch_or_fallback("group_norm_stats", lambda: _stats_triton(x, num_groups),
+                              lambda: _stats_reference(x, num_groups))
+
+
+@_stats_op.register_fake
+def _stats_fake(x, num_groups):
+    return tuple(x.new_empty((x.shape[0], num_groups), dtype=torch.float32) for _ in range(3))
 
 
 def merge_group_stats(stats):
@@ -249,10 +270,9 @@ def merge_group_stats(stats):
 
 
 def _apply_triton(x, mean, rstd, num_groups, weight, bias, act):
-    x, fmt = _layout(x)
+    x, fmt, strides = _dense(x)
     n, cpg, hw, numel, block, pix_major = _geometry(x, num_groups, fmt)
-    y = torch.empty_like(x, memory_format=fmt)
-    assert y.stride() == x.stride()
+    y = torch.empty_like(x, memory_format=fmt)  # the canonical strides of fmt, as x is addressed
     mean = mean.to(device=x.device, dtype=torch.float32).contiguous()
     rstd = rstd.to(device=x.device, dtype=torch.float32).contiguous()
     blocks, total = apply_work(x.shape, num_groups)
@@ -260,7 +280,7 @@ def _apply_triton(x, mean, rstd, num_groups, weight, bias, act):
         x, y, mean, rstd,
         weight if weight is not None else mean,  # dummy pointers, never read
         bias if bias is not None else mean,
-        num_groups, cpg, hw, x.stride(0), x.stride(1), x.stride(3), numel, blocks, total,
+        num_groups, cpg, hw, *strides, numel, blocks, total,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACTS[act],
         PIX_MAJOR=pix_major, BLOCK=block, num_warps=4,
     )
@@ -268,7 +288,7 @@ def _apply_triton(x, mean, rstd, num_groups, weight, bias, act):
 
 
 def _apply_reference(x, mean, rstd, num_groups, weight, bias, act):
-    _, fmt = _layout(x)
+    fmt = _format(x)
     n, c, h, w = x.shape
     xf = x.float().reshape(n, num_groups, -1)
     y = ((xf - mean.float().unsqueeze(-1)) * rstd.float().unsqueeze(-1)).reshape(n, c, h, w)
@@ -289,17 +309,29 @@ def group_norm_apply(x, mean, rstd, num_groups, weight=None, bias=None, act=None
     (differentiable) reference: the Triton kernel has no backward.
     """
     _check(x, num_groups, act, weight, bias)
-    reference = reference or _needs_grad(x, mean, rstd, weight, bias)
     expected = (x.shape[0], num_groups)
     if tuple(mean.shape) != expected or tuple(rstd.shape) != expected:
         raise ValueError(f"mean and rstd must be {expected}, got {tuple(mean.shape)}, {tuple(rstd.shape)}")
-    return run_kernel("group_norm_apply", (x,), reference,
-                      lambda: _apply_triton(x, mean, rstd, num_groups, weight, bias, act),
-                      lambda: _apply_reference(x, mean, rstd, num_groups, weight, bias, act))
+    if triton_ready("group_norm_apply", x, reference=reference or _needs_grad(x, mean, rstd, weight, bias)):
+        return torch.ops.codec.group_norm_apply(x, mean, rstd, num_groups, weight, bias, act)
+    return _apply_reference(x, mean, rstd, num_groups, weight, bias, act)
+
+
+@custom_op("codec::group_norm_apply", mutates_args=())
+def _apply_op(x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int, weight: Tensor | None,
+              bias: Tensor | None, act: str | None) -> Tensor:
+    """The Triton path of :func:`group_norm_apply` (inputs checked by it)."""
+    return launch_or_fallback("group_norm_apply", lambda: _apply_triton(x, mean, rstd, num_groups, weight, bias, act),
+                              lambda: _apply_reference(x, mean, rstd, num_groups, weight, bias, act))
+
+
+@_apply_op.register_fake
+def _apply_fake(x, mean, rstd, num_groups, weight, bias, act):
+    return torch.empty_like(x, memory_format=_format(x))
 
 
 def _reference(x, num_groups, weight, bias, eps, act):
-    _, fmt = _layout(x)
+    fmt = _format(x)
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
     y = F.group_norm(x.float(), num_groups, w, b, eps)
@@ -312,51 +344,65 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, refere
     x: (N, C, H, W) float32/float16/bfloat16, NCHW or channels_last; statistics in float32.
     weight, bias: (C,) or None. act: None, "silu" or "relu", applied after the affine.
     Returns a tensor of x's shape, dtype and memory format. Differentiable on every path (the
-    Triton path through an autograd function whose backward is torch code).
+    Triton op through its registered autograd formula, whose backward is torch code).
     """
     _check(x, num_groups, act, weight, bias)
-
-    def triton_call():
-        if _needs_grad(x, weight, bias):
-            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, act)
-        return _triton(x, num_groups, weight, bias, eps, act)
-
-    return run_kernel("group_norm", (x,), reference, triton_call,
-                      lambda: _reference(x, num_groups, weight, bias, eps, act))
-
-
-def _triton(x, num_groups, weight, bias, eps, act):
-    count, mean, m2 = _stats_triton(x, num_groups)
-    rstd = torch.rsqrt(m2 / count + eps)
-    return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)
+    if triton_ready("group_norm", x, reference=reference):
+        return torch.ops.codec.group_norm(x, num_groups, weight, bias, float(eps), act)[0]
+    return _reference(x, num_groups, weight, bias, eps, act)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _GroupNormFunction(torch.autograd.Function):
-    """:func:`group_norm` for autograd: the Triton forward, a torch backward from its statistics."""
+@custom_op("codec::group_norm", mutates_args=())
+def _group_norm_op(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   act: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton path of :func:`group_norm` (inputs checked by it): ``(y, mean, rstd)``, the
+    statistics ((N, G) float32) kept for the backward, not differentiable."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, act):
+    def triton_call():
         count, mean, m2 = _stats_triton(x, num_groups)
         rstd = torch.rsqrt(m2 / count + eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.act = num_groups, act
-        return _apply_triton(x, mean, rstd, num_groups, weight, bias, act)
+        return _apply_triton(x, mean, rstd, num_groups, weight, bias, act), mean, rstd
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        return (*_backward(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act), None, None, None)
+    def reference_call():
+        count, mean, m2 = _stats_reference(x, num_groups)
+        return _reference(x, num_groups, weight, bias, eps, act), mean, torch.rsqrt(m2 / count + eps)
+
+    return launch_or_fallback("group_norm", triton_call, reference_call)
+
+
+@_group_norm_op.register_fake
+def _group_norm_fake(x, num_groups, weight, bias, eps, act):
+    stats = (x.shape[0], num_groups)
+    return (torch.empty_like(x, memory_format=_format(x)), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, _, act = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.act = num_groups, act
+
+
+def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    d_x, d_weight, d_bias = _backward(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
+    return d_x, None, d_weight, d_bias, None, None
+
+
+_group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
 
 
 def _backward(grad, x, weight, bias, mean, rstd, num_groups, act):
     """Gradients of y = act(xhat * weight + bias), xhat = (x - mean) * rstd per group, with respect
     to x, weight and bias (None for an absent affine), in fp32; mean, rstd: (N, G) fp32."""
     n, c, h, w = x.shape
-    _, fmt = _layout(x)
+    fmt = _format(x)
     per_group = (n, num_groups, -1)
     xhat = (x.float().reshape(per_group) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     xhat = xhat.reshape(n, c, h, w)

@@ -2,14 +2,17 @@
 
 One pass over both inputs: each program reduces a slice of one tile to a partial max and sum
 (fp32, so uint8 never wraps), written to a small (K, S) buffer that torch folds afterwards.
-A fixed buffer instead of atomics keeps the result deterministic.
+A fixed buffer instead of atomics keeps the result deterministic. The Triton path is the custom
+op ``torch.ops.codec.tile_change`` (see ``_dispatch``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+from torch.library import custom_op
 
-from ._dispatch import HAVE_TRITON, launch_grid, run_kernel
+from ._dispatch import HAVE_TRITON, launch_grid, launch_or_fallback, triton_ready
 
 if HAVE_TRITON:
     import triton
@@ -62,7 +65,20 @@ def tile_change(current, reference_tiles, reference=False):
         raise ValueError(f"need (K, ...) tiles with at least one element, got {tuple(a.shape)}")
     if a.dtype == torch.bool or a.is_complex():
         raise TypeError(f"tiles must be uint8 or float, got {a.dtype}")
-    return run_kernel("tile_change", (a, b), reference, lambda: _triton(a, b), lambda: _reference(a, b))
+    if triton_ready("tile_change", a, b, reference=reference):
+        return torch.ops.codec.tile_change(a, b)
+    return _reference(a, b)
+
+
+@custom_op("codec::tile_change", mutates_args=())
+def _tile_change_op(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The Triton path of :func:`tile_change` (inputs checked by it)."""
+    return launch_or_fallback("tile_change", lambda: _triton(a, b), lambda: _reference(a, b))
+
+
+@_tile_change_op.register_fake
+def _tile_change_fake(a, b):
+    return a.new_empty(a.shape[:1], dtype=torch.float32), a.new_empty(a.shape[:1], dtype=torch.float32)
 
 
 def _triton(a, b):

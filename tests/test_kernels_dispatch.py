@@ -16,6 +16,7 @@ LAUNCHERS = {
     "kernels.frames": ["_to_input_kernel", "_to_frames_kernel"],
     "kernels.tile_change": ["_tile_change_kernel"],
     "kernels.blend": ["_blend_scatter_kernel"],
+    "kernels.rms_norm": ["_rms_norm_kernel"],
 }
 
 
@@ -50,6 +51,7 @@ def _calls(reference=False):
         lambda: kernels.tile_change(tiles, tiles, reference=reference),
         lambda: kernels.blend_tiles(tiles, torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 2),
                                     (1, 3, 2, 2), reference=reference),
+        lambda: kernels.rms_norm(x, torch.ones(6), "silu", reference=reference),
     ]
 
 
@@ -116,7 +118,7 @@ def test_a_kernel_triton_cannot_launch_falls_back_to_its_reference(monkeypatch):
     assert sum(k.launches for k in broken.values()) == launches  # no second try
     assert set(kernels.unusable_kernels()) == {"group_norm", "group_norm_stats", "group_norm_apply",
                                                "frames_to_input", "output_to_frames", "tile_change",
-                                               "blend_tiles"}
+                                               "blend_tiles", "rms_norm"}
     for want, a, b in zip(expected, first, second):
         for w, x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (want, a, b))):
             torch.testing.assert_close(x, w, rtol=0, atol=0)
@@ -126,8 +128,9 @@ def test_a_kernel_triton_cannot_launch_falls_back_to_its_reference(monkeypatch):
 def test_other_errors_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(dispatch, "_unusable", {})
     with pytest.raises(ZeroDivisionError):
-        dispatch.run_kernel("k", (torch.zeros(1),), False, lambda: 1 / 0, lambda: 0)
+        dispatch.launch_or_fallback("k", lambda: 1 / 0, lambda: 0)
     assert "k" not in kernels.unusable_kernels()
+    assert dispatch.triton_ready("k", torch.zeros(1))
 
 
 class GridSpy:
@@ -158,12 +161,14 @@ def test_every_launcher_loops_within_a_capped_grid(monkeypatch):
     tiles = torch.rand(3, 2, 4, 5, generator=g)
     origins = torch.tensor([[0, 0, 0], [0, 1, 2], [1, 0, 1]])
     window = torch.rand(4, 5, generator=g) + 0.1
+    gamma = torch.rand(3, generator=g)
     calls = [
         lambda ref: kernels.group_norm(x, 3, act="silu", reference=ref),
         lambda ref: kernels.frames_to_input(frames, size=(6, 9), reference=ref),
         lambda ref: kernels.output_to_frames(x[:, :3], reference=ref),
         lambda ref: kernels.tile_change(tiles, tiles.flip(0), reference=ref),
         lambda ref: kernels.blend_tiles(tiles, origins, window, (2, 2, 6, 8), reference=ref),
+        lambda ref: kernels.rms_norm(x.reshape(4, 3, 5, 7), gamma, "silu", reference=ref),  # 4 units
     ]
     for call in calls:
         for got, want in zip(*(v if isinstance(v, tuple) else (v,) for v in (call(False), call(True)))):
@@ -181,9 +186,10 @@ def test_a_launch_the_driver_refuses_falls_back(monkeypatch):
         raise RuntimeError("Triton Error [CUDA]: invalid argument")
 
     with pytest.warns(RuntimeWarning, match="invalid argument"):
-        assert dispatch.run_kernel("k2", (torch.zeros(1),), False, refused, lambda: "reference") == "reference"
+        assert dispatch.launch_or_fallback("k2", refused, lambda: "reference") == "reference"
     assert "k2" in kernels.unusable_kernels()
+    assert not dispatch.triton_ready("k2", torch.zeros(1))  # later calls no longer reach the op
     with pytest.raises(RuntimeError, match="out of memory"):  # other runtime errors propagate
-        dispatch.run_kernel("k3", (torch.zeros(1),), False,
-                            lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")), lambda: 0)
+        dispatch.launch_or_fallback("k3", lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")),
+                                    lambda: 0)
     assert "k3" not in kernels.unusable_kernels()

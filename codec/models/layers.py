@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Callable
 
 import torch
@@ -14,11 +14,15 @@ import kernels
 # A frame normalizer replaces the per-call GroupNorm statistics of every GroupNormAct under one
 # model for the duration of a call: ``normalizer(name, layer, x) -> normalized x``, where ``name``
 # is the layer's qualified name in that model (stable across copies of the model, unlike its id).
-# A ContextVar, not an attribute on the layers: nothing is written onto the model, a deep copy
-# carries nothing, and threads running other models are unaffected.
+# Thread-local state, not an attribute on the layers: nothing is written onto the model, a deep
+# copy carries nothing, and threads running other models are unaffected. A threading.local rather
+# than a ContextVar because torch.compile traces (and guards on) the former without a graph break.
 Normalizer = Callable[[str, "GroupNormAct", torch.Tensor], torch.Tensor]
-_ACTIVE: contextvars.ContextVar[tuple[Normalizer, dict[int, str]] | None] = contextvars.ContextVar(
-    "codec_frame_normalizer", default=None)
+_STATE = threading.local()  # .active: (normalizer, {id(layer): name}) inside frame_normalizer
+
+
+def _active() -> tuple[Normalizer, dict[int, str]] | None:
+    return getattr(_STATE, "active", None)
 
 
 @contextlib.contextmanager
@@ -29,16 +33,16 @@ def frame_normalizer(normalizer: Normalizer | None, model: nn.Module):
         yield
         return
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, GroupNormAct)}
-    token = _ACTIVE.set((normalizer, names))
+    previous, _STATE.active = _active(), (normalizer, names)
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _STATE.active = previous
 
 
 def frame_normalizer_active() -> bool:
     """True inside :func:`frame_normalizer` (a call that must not be replayed from a CUDA graph)."""
-    return _ACTIVE.get() is not None
+    return _active() is not None
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -52,7 +56,7 @@ class GroupNormAct(nn.GroupNorm):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = _ACTIVE.get()
+        active = _active()
         if active is not None and id(self) in active[1]:
             return active[0](active[1][id(self)], self, x)
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
@@ -71,7 +75,9 @@ class UpsampleConv:
 
     def __call__(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         w = conv.weight
-        if torch.is_grad_enabled() and w.requires_grad:  # training: fold inside the autograd graph
+        # Training folds inside the autograd graph; torch.compile folds inside its graph (the
+        # cache key below compares data pointers, which dynamo cannot trace).
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             folded = kernels.fold_weight(w)
         else:  # inference: fold once per weight version, dtype and device
             key = (w._version, w.dtype, w.device, w.data_ptr())
