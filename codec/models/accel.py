@@ -18,7 +18,7 @@ the fp16 -> fp32 fallback (the finiteness check runs outside any graph, on the r
   on CUDA, a ``torch.Generator`` argument, gradients enabled, an active frame normalizer
   (tiling's global normalization, ``layers.frame_normalizer``), or a capture already in progress.
 
-A deep copy of an accelerated model (``_fp32_twin`` makes one for the fallback) gets the plain
+A deep copy of an accelerated model (``fp32_twin`` makes one for the fallback) gets the plain
 passes, never the original's graphs or compiled code. Undo with :func:`deaccelerate`; call it
 before pickling a whole model object (state dicts are unaffected).
 """
