@@ -24,6 +24,7 @@ import kernels
 from .cache import TemporalCache
 from .global_norm import GlobalNorm
 from .models import Autoencoder
+from .models.accel import planning_budget
 from .models.layers import GroupNormAct
 from .sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
 from .tiling import TileLayout, TilePlan, activation_bytes, plan_tiles
@@ -88,6 +89,7 @@ class _TiledCoder:
         self.height, self.width = height, width  # source pixels
         self.h8, self.w8 = round_up(height, f), round_up(width, f)
         budget = options.max_memory or default_budget(model.device)
+        plan_budget = planning_budget(model, budget)  # less the CUDA graphs' pool
         self.cache = TemporalCache(options.cache, options.refresh, unit=unit)
         # A threshold cache on a whole frame runs the per-layer sparse cache when the model allows
         # it (tiny family, no GroupNorm) and its activations fit the budget; `exact` stays with
@@ -103,13 +105,13 @@ class _TiledCoder:
         tile = options.tile
         if tile is None and self.sparse is None and self.cache.threshold and max(self.h8, self.w8) > CACHE_TILE:
             tile = CACHE_TILE  # a threshold cache works per tile: whole frames rarely stay still
-        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, budget, model.dtype, decode=decode,
+        self.plan: TilePlan = plan_tiles(model, self.h8, self.w8, plan_budget, model.dtype, decode=decode,
                                          batch=options.batch, tile=tile, overlap=options.overlap)
         lat_tile = (self.plan.tile or max(self.h8, self.w8)) // f
         self.layout = TileLayout(self.h8 // f, self.w8 // f, lat_tile, self.plan.overlap // f)
         has_norm = any(isinstance(m, GroupNormAct) for m in model.modules())
         frame_tiles = len(self.layout) * lat_tile**2 * f * f  # pixels of a frame's tiles in one batch
-        tiles_fit = activation_bytes(model, frame_tiles, model.dtype, decode) <= budget
+        tiles_fit = activation_bytes(model, frame_tiles, model.dtype, decode) <= plan_budget
         self.global_norm = has_norm and not self.layout.is_whole_frame and (
             options.norm == "global" or (options.norm == "auto" and tiles_fit))
         self._gn: GlobalNorm | None = None
