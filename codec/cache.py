@@ -97,8 +97,8 @@ class TemporalCache:
             ok = (mean_abs <= self.threshold) & (max_abs <= MAX_FACTOR * self.threshold)
         if self.refresh is not None:
             ok &= self.age.to(ok.device) + 1 < self.refresh
-        if self.valid is not None and self.valid.shape[0] == k:  # a non-finite cached result (fp16 overflow) is never reused
-            ok &= self.valid
+        if self.valid is not None and self.valid.shape[0] == k:
+            ok &= self.valid  # a non-finite cached result (fp16 overflow) is never reused
         return ok
 
     def schedule(self, tiles: torch.Tensor, gate=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,18 +114,14 @@ class TemporalCache:
         overwrites the older results that gather may still need).
 
         Every decision stays on the device; the one host sync is reading which tiles to compute
-        (their count sizes the model's batches), once per call and only while the cache holds
-        results that could be reused: none with ``off`` or for a clip's first frame alone.
+        (their count sizes the model's batches), once per call; none with ``off``.
         """
         n, k = tiles.shape[:2]
         dev = tiles.device
         positions = torch.arange(k, device=dev)
         if self.age is None or self.age.shape[0] != k:
             self.age = torch.zeros(k, dtype=torch.long, device=dev)
-        cached = self.ref_out is not None and self.ref_out.shape[0] == k
-        if not self.enabled or (not cached and n == 1):
-            # Nothing to reuse: every tile is computed, known without looking at the device.
-            self._remember(tiles[-1], None)
+        if not self.enabled:  # every tile is computed, known without looking at the device
             self.computed = [k] * n
             for _ in range(n):
                 self.stats.add(0, k)
@@ -142,7 +138,9 @@ class TemporalCache:
         self.computed = host.sum(1).tolist()
         for m in self.computed:
             self.stats.add(k - m, k)
-        compute = torch.from_numpy(np.flatnonzero(host)).to(dev)
+        compute = torch.from_numpy(np.flatnonzero(host))
+        if dev.type == "cuda":  # pinned: the upload does not wait for the device
+            compute = compute.pin_memory().to(dev, non_blocking=True)
         # The i-th computed tile: its rank among the misses; a hit takes the newest result of its
         # position, computed earlier in this batch (pending >= 0) or cached (-1 - k).
         rank = (torch.cumsum(miss.flatten(), 0) - 1).view(n, k)

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from codec.models import build
-from codec.models.accel import (Accelerated, CudaGraphRunner, GraphPool, _Plain, accelerate, accelerated,
-                                deaccelerate, planning_budget)
+from codec.models.accel import (
+    Accelerated,
+    CudaGraphRunner,
+    GraphPool,
+    _Plain,
+    accelerate,
+    accelerated,
+    deaccelerate,
+    planning_budget,
+)
 from codec.models.layers import frame_normalizer_active
 
 EAGER = {"backend": "eager"}  # dynamo tracing without inductor: fast, and bit-identical

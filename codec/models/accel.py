@@ -18,9 +18,10 @@ the fp16 -> fp32 fallback (the finiteness check runs outside any graph, on the r
   Every graph of both passes shares ONE memory pool (:class:`GraphPool`): they replay one at a
   time on one stream and each output is cloned before the next replay, so their activations may
   share memory; the pool keeps the peak of the largest captured shape reserved, and
-  :func:`planning_budget` sets that much of the memory budget aside. Calls that cannot be replayed run eagerly: inputs not
-  on CUDA, a ``torch.Generator`` argument, gradients enabled, an active frame normalizer
-  (tiling's global normalization, ``layers.frame_normalizer``), or a capture already in progress.
+  :func:`planning_budget` sets that much of the memory budget aside. Calls that cannot be
+  replayed run eagerly: inputs not on CUDA, a ``torch.Generator`` argument, gradients enabled, an
+  active frame normalizer (tiling's global normalization, ``layers.frame_normalizer``), or a
+  capture already in progress.
 
 A deep copy of an accelerated model (``fp32_twin`` makes one for the fallback) gets the plain
 passes, never the original's graphs or compiled code. Undo with :func:`deaccelerate`; call it
@@ -111,11 +112,11 @@ class CudaGraphRunner:
 
     capture: ``capture(fn, args, pool_handle) -> replay(args)``; :func:`capture_cuda_graph` by
     default (tests inject a fake). pool: the :class:`GraphPool` every graph is captured into
-    (shared with other runners when given; else one of its own). device_type: tensor arguments must all be on this device type to replay
-    (None: any). eligible: a check run on every call; False runs ``fn`` eagerly. extra_key: added
-    to every signature (by default whether the torch kernel references are forced, so an A/B of
-    ``kernels.force_reference()`` captures each variant). max_graphs: least recently used graphs
-    beyond this are dropped (each holds its own memory pool).
+    (shared with other runners when given; else one of its own). device_type: tensor arguments
+    must all be on this device type to replay (None: any). eligible: a check run on every call;
+    False runs ``fn`` eagerly. extra_key: added to every signature (by default whether the torch
+    kernel references are forced, so an A/B of ``kernels.force_reference()`` captures each
+    variant). max_graphs: least recently used graphs beyond this are dropped.
     """
 
     def __init__(self, fn: Callable, *, capture: Callable | None = None, device_type: str | None = "cuda",
