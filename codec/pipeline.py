@@ -192,7 +192,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
 
         def write(item):
             latents, pts, ready = item
-            writer.write(latents, pts)
+            writer.write(latents.wait(), pts)
             done = now()
             report.latency_ms.extend((done - r) * 1000 for r in ready)
             bar.update(len(pts))
@@ -200,7 +200,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
         def work(fb):
             ready = [now()] * len(fb)
             report.frames += len(fb)
-            return encoder(fb.frames).to("cpu", latent_dtype), fb.pts, ready
+            return encoder.submit(fb.frames).to_host(latent_dtype), fb.pts, ready
 
         _pump(reader, work, write, "latent-writer", bar)
         if report.frames == 0:
@@ -252,7 +252,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
 
         def write(item):
             frames, pts, ready = item
-            out.write(frames, clock(pts))
+            out.write(frames.wait().numpy(), clock(pts.numpy()))
             done = now()
             report.latency_ms.extend((done - r) * 1000 for r in ready)
             bar.update(len(pts))
@@ -261,7 +261,7 @@ def decode_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoenco
             latents, pts = item
             ready = [now()] * len(pts)
             report.frames += len(pts)
-            return decoder(latents.float()).cpu().numpy(), pts.numpy(), ready
+            return decoder.submit(latents.float()).to_host(), pts, ready
 
         _pump(reader, work, write, "video-writer", bar)
     return _finish(report, t0, decoder, model, decoder.stats)
@@ -290,33 +290,49 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     bar = progress(_frame_count(info.num_frames, start, end, stride), "roundtrip", quiet)
     t0 = now()
     clock = OutputClock(Fraction(info.fps) / stride, info.time_base)
+    # PSNR/SSIM (float64) run on their own thread, in frame order, off the model thread.
+    metrics = BackgroundStage(lambda pair: _measure_quality(dec, *pair), size=4, name="quality")
     with reader, VideoWriter(dst, info.width, info.height, clock.fps, crf=crf, preset=preset,
                              lossless=lossless, time_base=clock.time_base, rotation=info.rotation) as out:
 
         def write(item):
-            frames, pts = item
+            frames, source, pts = item
+            frames = frames.wait().numpy()
             out.write(frames, clock(pts))
+            metrics.put((frames, source))
             bar.update(len(pts))
 
         def work(fb):
+            # Latencies are the model thread's time per batch: with CUDA's asynchronous launches
+            # they measure queueing there, not the device (the encode/decode commands measure
+            # latency to the written output).
             t_in = now()
-            latents = encoder(fb.frames)
+            latents = encoder.submit(fb.frames).result()
             t_mid = now()
-            frames = decoder(latents).cpu().numpy()
+            frames = decoder.submit(latents).to_host()
             t_out = now()
             enc.latency_ms.extend([(t_mid - t_in) * 1000] * len(fb))
             dec.latency_ms.extend([(t_out - t_mid) * 1000] * len(fb))
-            dec.psnr.extend(np.atleast_1d(psnr(frames, fb.frames)).tolist())
-            dec.ssim.extend(np.atleast_1d(ssim(frames, fb.frames)).tolist())
             enc.frames += len(fb)
             dec.frames += len(fb)
-            return frames, fb.pts
+            return frames, fb.frames, fb.pts
 
-        _pump(reader, work, write, "video-writer", bar)
+        try:
+            _pump(reader, work, write, "video-writer", bar)
+            metrics.close()
+        except BaseException:
+            metrics.abort()
+            raise
     enc.missing_frames = dec.missing_frames = reader.missing_frames
     _finish(enc, t0, encoder, model, encoder.stats)
     _finish(dec, t0, decoder, model, decoder.stats)
     return enc, dec
+
+
+def _measure_quality(report: RunReport, decoded: np.ndarray, source: np.ndarray) -> None:
+    """Append the PSNR and SSIM of each decoded frame against its source frame to ``report``."""
+    report.psnr.extend(np.atleast_1d(psnr(decoded, source)).tolist())
+    report.ssim.extend(np.atleast_1d(ssim(decoded, source)).tolist())
 
 
 def check_fit(reader: LatentReader, decoder, scale: int) -> None:

@@ -37,11 +37,12 @@ def tiny_model_file(path: Path, latent_channels: int = 4, width: int = 8, seed: 
 
 
 def on_second_call(monkeypatch, cls, action) -> dict:
-    """Patch ``cls.__call__`` so its second call runs ``action()`` first (raise, send a signal).
+    """Patch ``cls.submit`` (a coder's entry point in the pipeline) so its second call runs ``action()``
+    first (raise, send a signal).
 
     Returns the call counter, ``{"n": calls so far}``."""
     calls = {"n": 0}
-    real = cls.__call__
+    real = cls.submit
 
     def patched(self, x):
         calls["n"] += 1
@@ -49,5 +50,5 @@ def on_second_call(monkeypatch, cls, action) -> dict:
             action()
         return real(self, x)
 
-    monkeypatch.setattr(cls, "__call__", patched)
+    monkeypatch.setattr(cls, "submit", patched)
     return calls

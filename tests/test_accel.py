@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from codec.models import build
-from codec.models.accel import Accelerated, CudaGraphRunner, _Plain, accelerate, accelerated, deaccelerate
+from codec.models.accel import (
+    Accelerated,
+    CudaGraphRunner,
+    GraphPool,
+    _Plain,
+    accelerate,
+    accelerated,
+    deaccelerate,
+    planning_budget,
+)
 from codec.models.layers import frame_normalizer_active
 
 EAGER = {"backend": "eager"}  # dynamo tracing without inductor: fast, and bit-identical
@@ -101,9 +110,11 @@ class FakeCapture:
 
     def __init__(self):
         self.captured: list[tuple] = []
+        self.pools: list = []
 
-    def __call__(self, fn, args):
+    def __call__(self, fn, args, pool):
         self.captured.append(tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        self.pools.append(pool)
         return lambda new_args: fn(*new_args)
 
 
@@ -115,7 +126,7 @@ def make_runner(**kwargs):
         calls.append(x.shape)
         return x * 2
 
-    runner = CudaGraphRunner(fn, capture=fake, device_type="cpu", **kwargs)
+    runner = CudaGraphRunner(fn, capture=fake, device_type="cpu", pool=GraphPool(object), **kwargs)
     return runner, fake, calls
 
 
@@ -184,7 +195,7 @@ def test_runner_on_a_model_with_fake_capture_matches_eager():
     fake = FakeCapture()
     for name in ("_encode_raw", "_decode_raw"):
         fn = getattr(type(model), name).__get__(model)
-        runner = CudaGraphRunner(fn, capture=fake, device_type="cpu",
+        runner = CudaGraphRunner(fn, capture=fake, device_type="cpu", pool=GraphPool(object),
                                  eligible=lambda: not frame_normalizer_active())
         model.__dict__[name] = Accelerated(model, name, runner, {})
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -193,6 +204,47 @@ def test_runner_on_a_model_with_fake_capture_matches_eager():
         assert torch.equal(model.decode(plain.encode(x)), plain.decode(plain.encode(x)))
     assert fake.captured == [((1, 3, 16, 16), False, None), ((1, 4, 8, 8),)]  # downscale 2
     assert accelerated(model)["_encode_raw"].runner.replays == 2
+
+
+@torch.no_grad()
+def test_graphs_of_both_passes_share_one_pool():
+    handles = []
+
+    def make_handle():  # stands in for torch.cuda.graph_pool_handle
+        handles.append(object())
+        return handles[-1]
+
+    pool, fake = GraphPool(make_handle), FakeCapture()
+    enc = CudaGraphRunner(lambda t: t * 2, capture=fake, device_type="cpu", pool=pool)
+    dec = CudaGraphRunner(lambda t: t + 1, capture=fake, device_type="cpu", pool=pool)
+    for n in (1, 2, 4):
+        enc(torch.zeros(n, 3, 8, 8))
+        dec(torch.zeros(n, 4, 2, 2))
+    assert enc.captures == dec.captures == 3 and len(handles) == 1
+    assert fake.pools == [handles[0]] * 6  # every capture went into the one pool
+    alone = CudaGraphRunner(lambda t: t, capture=fake, device_type="cpu", pool=GraphPool(make_handle))
+    alone(torch.zeros(1))
+    assert fake.pools[-1] is handles[1] and fake.pools[-1] is not handles[0]
+
+
+def test_plan_sets_the_graph_pool_aside_from_the_budget():
+    from codec.coder import CoderOptions, FrameDecoder
+    from codec.tiling import activation_bytes
+
+    plain = small_kl()
+    graphed = copy.deepcopy(plain)
+    for name in ("_encode_raw", "_decode_raw"):
+        runner = CudaGraphRunner(getattr(type(graphed), name).__get__(graphed), capture=FakeCapture(),
+                                 device_type="cpu", pool=GraphPool(object))
+        graphed.__dict__[name] = Accelerated(graphed, name, runner, {})
+    budget = 64 << 20
+    assert planning_budget(plain, budget) == budget and planning_budget(graphed, budget) == budget // 2
+    opts = CoderOptions(max_memory=budget, tile=64, overlap=16, cache="off")
+    eager, graph = FrameDecoder(plain, 256, 256, opts).plan, FrameDecoder(graphed, 256, 256, opts).plan
+    per_tile = activation_bytes(plain, 64 * 64, plain.dtype, decode=True)
+    assert eager.batch == min(16, budget // per_tile)
+    assert graph.batch == min(16, budget // 2 // per_tile) < eager.batch  # room kept for the pool
+    assert graph.batch * per_tile <= budget // 2
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------

@@ -14,11 +14,16 @@ the fp16 -> fp32 fallback (the finiteness check runs outside any graph, on the r
   ``mode="reduce-overhead"`` with ``cuda_graphs=True``: that is inductor's own graph capture.
 - ``cuda_graphs=True`` (CUDA only): one CUDA graph per input signature (shape, dtype, stride of
   each tensor argument, the other arguments, and whether the torch kernel references are forced),
-  for the fixed tile shapes the codec feeds. Calls that cannot be replayed run eagerly: inputs not
-  on CUDA, a ``torch.Generator`` argument, gradients enabled, an active frame normalizer
-  (tiling's global normalization, ``layers.frame_normalizer``), or a capture already in progress.
+  for the fixed tile shapes the codec feeds (its partial batches are padded to a few bucket sizes).
+  Every graph of both passes shares ONE memory pool (:class:`GraphPool`): they replay one at a
+  time on one stream and each output is cloned before the next replay, so their activations may
+  share memory; the pool keeps the peak of the largest captured shape reserved, and
+  :func:`planning_budget` sets that much of the memory budget aside. Calls that cannot be
+  replayed run eagerly: inputs not on CUDA, a ``torch.Generator`` argument, gradients enabled, an
+  active frame normalizer (tiling's global normalization, ``layers.frame_normalizer``), or a
+  capture already in progress.
 
-A deep copy of an accelerated model (``_fp32_twin`` makes one for the fallback) gets the plain
+A deep copy of an accelerated model (``fp32_twin`` makes one for the fallback) gets the plain
 passes, never the original's graphs or compiled code. Undo with :func:`deaccelerate`; call it
 before pickling a whole model object (state dicts are unaffected).
 """
@@ -50,8 +55,9 @@ def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return out
 
 
-def capture_cuda_graph(fn: Callable, args: tuple, warmup: int = 2) -> Callable[[tuple], Any]:
-    """Capture ``fn(*args)`` in a CUDA graph; returns ``replay(args) -> output``.
+def capture_cuda_graph(fn: Callable, args: tuple, pool=None, warmup: int = 2) -> Callable[[tuple], Any]:
+    """Capture ``fn(*args)`` in a CUDA graph (in the memory pool ``pool``, a
+    ``torch.cuda.graph_pool_handle()``; None: a pool of its own); returns ``replay(args) -> output``.
 
     The tensor arguments are copied into static buffers of the same strides; ``fn`` is run
     ``warmup`` times on a side stream first (Triton compilation, cuDNN autotuning, lazy caches),
@@ -73,7 +79,7 @@ def capture_cuda_graph(fn: Callable, args: tuple, warmup: int = 2) -> Callable[[
                 fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = fn(*static)
 
     def replay(new_args: tuple) -> Any:
@@ -87,24 +93,40 @@ def capture_cuda_graph(fn: Callable, args: tuple, warmup: int = 2) -> Callable[[
     return replay
 
 
+class GraphPool:
+    """One CUDA-graph memory pool for several runners: ``handle()`` makes it on first use with
+    ``make`` (``torch.cuda.graph_pool_handle`` by default; tests inject a stand-in)."""
+
+    def __init__(self, make: Callable[[], Any] | None = None):
+        self._make = make or torch.cuda.graph_pool_handle
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = self._make()
+        return self._handle
+
+
 class CudaGraphRunner:
     """Call ``fn`` through one captured CUDA graph per input signature (see :meth:`signature`).
 
-    capture: ``capture(fn, args) -> replay(args)``; :func:`capture_cuda_graph` by default (tests
-    inject a fake). device_type: tensor arguments must all be on this device type to replay
-    (None: any). eligible: a check run on every call; False runs ``fn`` eagerly. extra_key: added
-    to every signature (by default whether the torch kernel references are forced, so an A/B of
-    ``kernels.force_reference()`` captures each variant). max_graphs: least recently used graphs
-    beyond this are dropped (each holds its own memory pool).
+    capture: ``capture(fn, args, pool_handle) -> replay(args)``; :func:`capture_cuda_graph` by
+    default (tests inject a fake). pool: the :class:`GraphPool` every graph is captured into
+    (shared with other runners when given; else one of its own). device_type: tensor arguments
+    must all be on this device type to replay (None: any). eligible: a check run on every call;
+    False runs ``fn`` eagerly. extra_key: added to every signature (by default whether the torch
+    kernel references are forced, so an A/B of ``kernels.force_reference()`` captures each
+    variant). max_graphs: least recently used graphs beyond this are dropped.
     """
 
     def __init__(self, fn: Callable, *, capture: Callable | None = None, device_type: str | None = "cuda",
                  eligible: Callable[[], bool] | None = None, extra_key: Callable[[], Hashable] | None = None,
-                 max_graphs: int = 8, warmup: int = 2):
+                 max_graphs: int = 8, warmup: int = 2, pool: GraphPool | None = None):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.fn = fn
-        self.capture = capture or (lambda f, a: capture_cuda_graph(f, a, warmup=warmup))
+        self.capture = capture or (lambda f, a, p: capture_cuda_graph(f, a, pool=p, warmup=warmup))
+        self.pool = pool or GraphPool()
         self.device_type = device_type
         self.eligible = eligible
         self.extra_key = extra_key if extra_key is not None else kernels.reference_forced
@@ -143,7 +165,7 @@ class CudaGraphRunner:
             return self.fn(*args, **kwargs)
         replay = self.graphs.get(key)
         if replay is None:
-            replay = self.capture(self.fn, args)
+            replay = self.capture(self.fn, args, self.pool.handle())
             self.captures += 1
             self.graphs[key] = replay
             while len(self.graphs) > self.max_graphs:
@@ -154,7 +176,7 @@ class CudaGraphRunner:
         return replay(args)
 
     def clear(self) -> None:
-        """Drop every captured graph (and its memory pool)."""
+        """Drop every captured graph (the shared pool's memory goes once no graph holds it)."""
         self.graphs.clear()
 
 
@@ -209,6 +231,15 @@ def accelerated(model: torch.nn.Module) -> dict[str, Accelerated]:
     return {n: p for n in RAW_PASSES if isinstance(p := model.__dict__.get(n), Accelerated)}
 
 
+def planning_budget(model: torch.nn.Module, budget: int) -> int:
+    """The bytes of ``budget`` a tile plan may give one model call: all of them for eager passes;
+    half when CUDA graphs replay them. The graphs' shared pool keeps the peak activations of the
+    largest captured shape reserved, which is at most what the plan allows one call, while eager
+    calls (global normalization's measure, the float32 fallback) still need their own."""
+    graphs = any(p.runner is not None for p in accelerated(model).values())
+    return budget // 2 if graphs else budget
+
+
 def accelerate(model: torch.nn.Module, compile: bool = False, cuda_graphs: bool = False, *,
                compile_kwargs: dict | None = None, max_graphs: int = 8) -> torch.nn.Module:
     """Speed up ``model`` (an :class:`Autoencoder`) in place and return it; see the module docstring.
@@ -238,11 +269,12 @@ def accelerate(model: torch.nn.Module, compile: bool = False, cuda_graphs: bool 
     def no_frame_normalizer() -> bool:  # global normalization supplies statistics per call
         return not frame_normalizer_active()
 
+    pool = GraphPool()  # one pool for the graphs of both passes
     for name in RAW_PASSES:
         fn: Callable = getattr(type(model), name).__get__(model)
         if compile:
             fn = torch.compile(fn, **options["compile_kwargs"])
         if graphs:
-            fn = CudaGraphRunner(fn, eligible=no_frame_normalizer, max_graphs=max_graphs)
+            fn = CudaGraphRunner(fn, eligible=no_frame_normalizer, max_graphs=max_graphs, pool=pool)
         model.__dict__[name] = Accelerated(model, name, fn, options)
     return model

@@ -111,6 +111,31 @@ class Autoencoder(ModelFacts, nn.Module):
         z = z / self.scaling_factor + self.shift_factor
         return self._with_fallback(lambda m, t: m._decode_raw(t), z, norm)
 
+    @torch.no_grad()
+    def encode_unchecked(self, x: torch.Tensor, *, norm: Normalizer | None = None) -> torch.Tensor:
+        """:meth:`encode` (mode, no sampling) in the model's dtype without the finiteness check,
+        so nothing waits for the device. The caller checks the result where it reads it anyway
+        and recomputes non-finite batches in float32 (``fp32_twin``, ``note_fp32_fallback``)."""
+        self._check_input(x, 3, "x")
+        with frame_normalizer(norm, self):
+            z = self._encode_raw(x.to(self.dtype), False, None)
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_unchecked(self, z: torch.Tensor, *, norm: Normalizer | None = None) -> torch.Tensor:
+        """:meth:`decode` without the finiteness check (see :meth:`encode_unchecked`)."""
+        self._check_input(z, self.latent_channels, "z")
+        z = z / self.scaling_factor + self.shift_factor
+        with frame_normalizer(norm, self):
+            return self._decode_raw(z.to(self.dtype))
+
+    def note_fp32_fallback(self, stacklevel: int = 3) -> None:
+        """Count a batch recomputed in float32; the first one warns."""
+        if self.fp32_fallbacks == 0:
+            warnings.warn(f"{self.name}: non-finite values in {self.dtype}; recomputing in float32 "
+                          "(expected for the SDXL VAE in fp16)", RuntimeWarning, stacklevel=stacklevel + 1)
+        self.fp32_fallbacks += 1
+
     def _check_input(self, t: torch.Tensor, channels: int, what: str) -> None:
         if t.ndim != 4 or t.shape[1] != channels:
             raise ValueError(f"{self.name}: expected {what} shaped (N,{channels},H,W), got {tuple(t.shape)}")
@@ -119,17 +144,15 @@ class Autoencoder(ModelFacts, nn.Module):
         with frame_normalizer(norm, self):
             out = fn(self, t.to(self.dtype))
         if self.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
-            if self.fp32_fallbacks == 0:
-                warnings.warn(f"{self.name}: non-finite values in {self.dtype}; recomputing in float32 "
-                              "(expected for the SDXL VAE in fp16)", RuntimeWarning, stacklevel=3)
-            self.fp32_fallbacks += 1
-            twin = self._fp32_twin()
+            self.note_fp32_fallback(stacklevel=3)
+            twin = self.fp32_twin()
             # The twin's layers have the model's names, so a normalizer's statistics carry over.
             with frame_normalizer(norm, twin):
                 out = fn(twin, t.float())  # kept in fp32: it may not fit fp16
         return out
 
-    def _fp32_twin(self) -> Autoencoder:
+    def fp32_twin(self) -> Autoencoder:
+        """A float32 copy of this model (made once) for the fallback."""
         # Kept outside the module tree so it is neither saved nor moved with the model. A plain
         # deep copy: a frame normalizer is passed per call, never stored on the layers.
         twin = self.__dict__.get("_twin")
