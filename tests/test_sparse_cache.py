@@ -299,10 +299,15 @@ def test_device_path_defers_cells_past_the_capacity_and_catches_up():
     assert not torch.allclose(out, want, atol=1e-3)  # deeper steps deferred cells: stale output
     deferred = net.readback[-1].item()
     assert deferred > 0 and [p is not None and p.any().item() for p in net.pending].count(True) > 0
-    # the next frame, same input: only the deferred cells (and what they change) run
-    out, flops = net.sparse(x, torch.zeros_like(changed), capacity=[net.cells - 1] * len(net.steps))
+    # the next frames, same input: only the deferred cells (and what they change) run, until none is
+    # left (exact mode: a change spreads a cell per conv, so the catch-up may defer again)
+    for _ in range(4):
+        out, flops = net.sparse(x, torch.zeros_like(changed), capacity=[net.cells - 1] * len(net.steps))
+        assert net.counts[0] == 0 and flops < net.dense_flops
+        if net.readback[-1].item() == 0:
+            break
+    assert net.readback[-1].item() == 0
     assert torch.allclose(out, want, atol=1e-5)  # the deferred cells ran: the dense result
-    assert net.readback[-1].item() == 0 and flops < net.dense_flops and net.counts[0] == 0
 
 
 @pytest.mark.parametrize("sync_free", [True, False])
