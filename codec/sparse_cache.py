@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -251,6 +252,7 @@ class _CellIndex:
         self.index = (y[:, None, :, None] * width + x[None, :, None, :]).reshape(rows * cols, p * p)
         valid = (valid_y[:, None, :, None] & valid_x[None, :, None, :]).reshape(rows * cols, p, p, 1)
         self.border = (~valid).flatten(1).any(1)  # cells whose patch reaches outside the frame
+        self.border_host = self.border.cpu().numpy()
         self.valid = valid
         self.p = p
 
@@ -343,8 +345,11 @@ class SparseNetCache:
         """x (1, C, H, W): the new input, equal to the cached one outside the ``changed`` cells
         ((rows, cols) bool). ``capacity``: per step, the batch size of the device path (None: the
         host path). Returns the output and the FLOPs that ran."""
-        masks: list[torch.Tensor | None] = [None] * len(self.buffers)
-        self.buffers[0], masks[0] = x, changed
+        # the host path keeps its cell masks on the host (numpy: a tenth of torch's cost per op on
+        # arrays of a few thousand cells); the device path on the device
+        host = capacity is None
+        masks: list = [None] * len(self.buffers)
+        self.buffers[0], masks[0] = x, changed.cpu().numpy() if host else changed
         flops = 0
         self.counts = []  # cells recomputed per step (self.cells: dense); device path: tensors
         self.ran = []  # cells run per step: counts padded to a bucket size (or the capacity)
@@ -352,18 +357,19 @@ class SparseNetCache:
         dense = False
         for k, st in enumerate(self.steps):
             if not dense and isinstance(st, NormBlockStep):
-                masks[st.dst], count = self._merge_dense(st), self.cells
+                keep, count = self._merge_dense(st), self.cells
+                masks[st.dst] = keep.cpu().numpy() if host else keep
                 self.counts.append(count)
                 self.ran.append(count)
                 flops += count * st.flops_per_cell()
                 continue
             if not dense:
-                need = _dilate(masks[st.src])  # the halo
+                need = _dilate_host(masks[st.src]) if host else _dilate(masks[st.src])  # the halo
                 if st.residual is not None:
                     need |= masks[st.residual]
-                if capacity is None:
-                    cells = need.flatten().nonzero().squeeze(1)
-                    count = cells.numel()
+                if host:
+                    cells = np.flatnonzero(need)
+                    count = cells.size
                     ran = min(bucket(count), self.cells) if count else 0
                     # the change has spread over much of the frame: the rest of the network runs
                     # densely (its cache becomes the exact dense result: nothing to compare or drift)
@@ -387,13 +393,13 @@ class SparseNetCache:
             elif capacity is None:
                 # a few batch sizes: oneDNN/cuDNN plan (and CUDA graphs capture) once per shape;
                 # the padding repeats the last cell (written twice with the same values)
-                cells = torch.cat([cells, cells[-1:].expand(ran - count)])
-                masks[st.dst] = self._sparse_step(st, cells, None)
+                cells = np.concatenate([cells, np.repeat(cells[-1:], ran - count)])
+                masks[st.dst] = self._sparse_step(st, torch.from_numpy(cells).to(self.device), cells)
             else:
                 cells, self.pending[k] = _take(need.flatten(), ran)
                 deferred.append(self.pending[k].sum())
                 self.pending[k] = self.pending[k].view(self.rows, self.cols)
-                masks[st.dst] = self._sparse_step(st, cells, count > 0)
+                masks[st.dst] = self._sparse_step(st, cells, None, count > 0)
             if len(self.counts) <= k:
                 self.counts.append(count)
             self.ran.append(ran)
@@ -419,17 +425,20 @@ class SparseNetCache:
         self.buffers[st.dst] = y
         return keep
 
-    def _sparse_step(self, st: ConvStep, cells: torch.Tensor, any_needed: torch.Tensor | None) -> torch.Tensor:
-        """Recompute ``cells`` (B,) int64 of one step; returns the (rows, cols) cells kept.
-        ``any_needed`` (device path: a bool tensor): False when the batch is only padding."""
+    def _sparse_step(self, st: ConvStep, cells: torch.Tensor, host_cells: np.ndarray | None,
+                     any_needed: torch.Tensor | None = None):
+        """Recompute ``cells`` (B,) int64 of one step; returns the (rows, cols) bool cells kept.
+        Host path: ``host_cells`` the same cells in numpy, returns numpy. Device path:
+        ``any_needed`` a bool tensor, False when the batch is only padding."""
         src, dst = self.buffers[st.src], self.buffers[st.dst]
         ix = self.index(st.scale_in, st.halo)
         patches = _flat(src).index_select(0, ix.index[cells].flatten()).view(cells.numel(), ix.p, ix.p, -1)
         if st.zero_pad and any_needed is not None:  # the dense conv reads zeros outside the frame
             patches = patches * ix.valid[cells]  # (every patch: picking the border ones would wait)
         elif st.zero_pad:
-            edge = ix.border[cells].nonzero().squeeze(1)
-            if edge.numel():
+            edge = np.flatnonzero(ix.border_host[host_cells])
+            if edge.size:
+                edge = torch.from_numpy(edge).to(self.device)
                 patches[edge] = patches[edge] * ix.valid[cells[edge]]
         y = st.packed(patches)
         out_ix = self.index(st.scale_out, 0).index[cells].flatten()
@@ -442,15 +451,21 @@ class SparseNetCache:
             keep = (y != old).flatten(1).any(1)
         else:
             keep = (y - old).abs_().mean((1, 2, 3)) > self.tau[st.dst]
-        if any_needed is not None:  # no wait: write every recomputed cell, the kept ones new
-            keep &= any_needed
-            y = torch.where(keep[:, None, None, None], y, old)
-        else:  # write only the kept cells (fewer bytes)
-            sel = keep.nonzero().squeeze(1)
-            y, out_ix = y[sel], out_ix.view(cells.numel(), -1)[sel].flatten()
-        _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
+        if host_cells is not None:  # write only the kept cells (fewer bytes)
+            keep = keep.cpu().numpy()
+            sel = np.flatnonzero(keep)
+            if 0 < sel.size < keep.size:
+                rows = torch.from_numpy(sel).to(self.device)
+                y, out_ix = y[rows], out_ix.view(cells.numel(), -1)[rows].flatten()
+            if sel.size:
+                _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
+            mask = np.zeros(self.cells, dtype=bool)
+            mask[host_cells] = keep  # padding repeats a cell with the same result: same keep
+            return mask.reshape(self.rows, self.cols)
+        keep &= any_needed  # no wait: write every recomputed cell, the kept ones new
+        _flat(dst).index_copy_(0, out_ix, torch.where(keep[:, None, None, None], y, old).reshape(-1, y.shape[-1]))
         mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
-        mask[cells] = keep  # padding repeats a cell with the same result: same keep
+        mask[cells] = keep
         return mask.view(self.rows, self.cols)
 
 
@@ -474,6 +489,13 @@ def bucket(n: int) -> int:
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
     """(rows, cols) bool: the cells and their 8 neighbours (a 3x3 conv's one-cell halo)."""
     return F.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0
+
+
+def _dilate_host(mask: np.ndarray) -> np.ndarray:
+    """_dilate on the host: (rows, cols) bool numpy."""
+    p = np.pad(mask, 1)
+    r = p[:-2] | p[1:-1] | p[2:]
+    return r[:, :-2] | r[:, 1:-1] | r[:, 2:]
 
 
 def _up(mask: torch.Tensor, s: int) -> torch.Tensor:

@@ -310,18 +310,15 @@ def test_device_path_defers_cells_past_the_capacity_and_catches_up():
     assert torch.allclose(out, want, atol=1e-5)  # the deferred cells ran: the dense result
 
 
-@pytest.mark.parametrize("sync_free", [True, False])
-def test_device_path_waits_once_per_frame(sync_free):
+def test_device_path_waits_once_per_frame():
     model = small()
     h, w, n = 96, 128, 6
     frames = moving_object(n, h, w)
-    enc = SparseEncoderCache(model, h, w, "2", prepare=prepare(model), sync_free=sync_free)
+    enc = SparseEncoderCache(model, h, w, "2", prepare=prepare(model), sync_free=True)
     enc(frames[:2])  # a dense frame, then a sparse one that measures the counts (host path)
     with SyncCounter() as counter:
         enc(frames[2:])
-    assert all(f < 1 for f in enc.stats.flops_per_frame[1:])
-    if sync_free:  # one copy to the host per frame (the counts), nothing else
-        assert counter.waits == ["_to_copy.default"] * (n - 2)
-        assert enc.stats.deferred == 0
-    else:  # the host path reads each step's count: the counter sees it
-        assert len(counter.waits) > 10 * (n - 2)
+        torch.ones(3).nonzero()  # the counter sees a wait
+    assert all(f < 1 for f in enc.stats.flops_per_frame[1:]) and enc.stats.deferred == 0
+    # one copy to the host per frame (the counts), nothing else
+    assert counter.waits == ["_to_copy.default"] * (n - 2) + ["nonzero.default"]
