@@ -27,6 +27,10 @@ For a new frame:
   Once a conv would recompute more than ``DENSE_FRACTION`` of the cells, the rest of the network
   runs densely for that frame (its cache becomes the exact dense result).
 
+Decisions: on the host path (the CPU's) each step reads its cell mask (numpy); on the device path
+(``sync_free``, CUDA's) the host reads a few counts once per frame, and each step runs a batch of
+planned size on the device (see SparseNetCache).
+
 GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
 frame with the frame's own statistics and merged cell by cell. Not supported (callers fall back
 to the tiled path): the KL family.
@@ -115,7 +119,8 @@ class ConvStep:
         if self.unshuffle:  # pixel_unshuffle in NHWC: channel c * 4 + 2 i + j (F.pixel_unshuffle on a
             # channels_last view copies element by element: slower than the conv on the CPU)
             b, p, _, c = patches.shape
-            patches = patches.view(b, p // 2, 2, p // 2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(b, p // 2, p // 2, 4 * c)
+            patches = patches.view(b, p // 2, 2, p // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
+            patches = patches.reshape(b, p // 2, p // 2, 4 * c)
         x = patches.permute(0, 3, 1, 2)  # channels_last view
         if self.upsample:  # the four output phases of upsample + conv, as kernels.upsample_conv3x3
             w = kernels.fold_weight(self.conv.weight).to(x.dtype)
@@ -274,12 +279,13 @@ class SparseNetCache:
     (exact) or T in uint8 levels.
 
     ``sync_free`` chooses how a sparse frame sizes its batches. False (the host path, fastest on
-    the CPU, which waits for every op anyway): each step reads its count of cells from the
-    device (``nonzero``). True (the device path, for CUDA): no step reads anything; each step
-    runs a batch of a fixed ``capacity`` (:meth:`plan`, from the host's one read per frame) with
-    ``nonzero_static``; the first sparse frame runs the host path to measure the counts. Needed cells past the capacity (rare: the capacity has headroom over last
-    frame's count) keep their cached values this frame and are recomputed first thing next frame
-    (``pending``): that frame's output is stale in those cells, counted in ``deferred``.
+    the CPU, which waits for every op anyway): each step reads its cell mask on the host. True
+    (the device path, for CUDA): no step reads anything; each step runs a batch of a fixed
+    ``capacity`` (:meth:`plan`, from the host's one read per frame) with ``nonzero_static``; the
+    first sparse frame runs the host path to measure the counts. Needed cells past the capacity
+    (rare: the capacity has headroom over the last frames' counts) keep their cached values this
+    frame and are recomputed first thing next frame (``pending``): that frame's output is stale
+    in those cells, counted in ``SparseStats.deferred``.
     """
 
     def __init__(self, layers: nn.Sequential, scale: int, rows: int, cols: int, threshold: float | None,
@@ -315,9 +321,9 @@ class SparseNetCache:
 
     def plan(self, spread: int) -> list[int]:
         """Device path: each step's batch size for the coming sparse frame, with HEADROOM over the
-        changed input cells with a two-cell halo (``spread``) and over the cells the step needed in the
-        last sparse frame (read back with this frame's counts: no extra wait). ``self.cells``: the
-        step runs densely (more than DENSE_FRACTION of the cells expected)."""
+        changed input cells with a two-cell halo (``spread``) and over the most cells the step
+        needed in the last HISTORY sparse frames (read back with the next frame's counts: no
+        extra wait). ``self.cells``: the step runs densely (over DENSE_FRACTION expected)."""
         grow = max(1.0, spread / max(1, self.last_spread))
         expect = []
         for k in range(len(self.steps)):  # the most the step needed in the last frames, scaled by
