@@ -4,10 +4,13 @@ For each clip, the first ``--frames`` frames (a centre crop of ``--crop`` px whe
 larger: the sensor and compression noise stay native) go through FrameEncoder then FrameDecoder
 with each cache mode, one frame at a time, all modes interleaved frame by frame (the CPU is
 shared and its load swings within seconds); times are same-run ratios to `off` (median over
-repetitions, each a fresh pass over the clip).
+repetitions, each a fresh pass over the clip), both wall time and the process's CPU time (with
+``--threads 1`` the CPU time is the work done, whatever else the machine runs).
 PSNR of the decoded frames against `off`'s decoded frames and against the source.
 
     PYTHONPATH=$PWD python bench/sparse_cache.py --frames 24 --reps 2 --out bench/results/sparse_cache
+    PYTHONPATH=$PWD python bench/sparse_cache.py --model ../shared/data/weights/taef2_encoder.pth \
+        --out bench/results/sparse_cache_taef2
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def run_clip(model, clip: np.ndarray, modes: list[str], reps: int) -> dict:
     """Encode then decode the clip with every cache mode, interleaved frame by frame (each mode
     keeps its own cache state; the order of the modes rotates per frame and repetition) so that
     the load of a shared CPU falls on all modes alike. Returns per mode: summed times (s) per
-    repetition, decoded frames and the cache statistics of the first repetition."""
+    repetition (wall ``enc_s``/``dec_s``, CPU ``enc_cpu``/``dec_cpu``), decoded frames and the cache
+    statistics of the first repetition."""
     n, h, w, _ = clip.shape
 
     def pair(mode):
@@ -52,20 +56,22 @@ def run_clip(model, clip: np.ndarray, modes: list[str], reps: int) -> dict:
 
     enc, dec = pair("off")
     dec(enc(clip[:1]))  # warm-up
-    out = {m: {"enc_s": [0.0] * reps, "dec_s": [0.0] * reps, "frames": []} for m in modes}
+    out = {m: {k: [0.0] * reps for k in ("enc_s", "dec_s", "enc_cpu", "dec_cpu")} | {"frames": []} for m in modes}
     for rep in range(reps):
         coders = {m: pair(m) for m in modes}
         for i in range(n):
             k = (i + rep) % len(modes)
             for m in modes[k:] + modes[:k]:
                 enc, dec = coders[m]
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 z = enc(clip[i:i + 1])
-                t1 = time.perf_counter()
+                c1, t1 = time.process_time(), time.perf_counter()
                 frame = dec(z).numpy()
-                t2 = time.perf_counter()
+                c2, t2 = time.process_time(), time.perf_counter()
                 out[m]["enc_s"][rep] += t1 - t0
                 out[m]["dec_s"][rep] += t2 - t1
+                out[m]["enc_cpu"][rep] += c1 - c0
+                out[m]["dec_cpu"][rep] += c2 - c1
                 if rep == 0:
                     out[m]["frames"].append(frame)
         if rep == 0:
@@ -92,11 +98,14 @@ def main() -> None:
     p.add_argument("--crop", default="640x360", help="W x H centre crop of larger frames")
     p.add_argument("--modes", nargs="*", default=["exact", "4", "8", "16"])
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="bench/results/sparse_cache")
     args = p.parse_args()
     crop = tuple(int(v) for v in args.crop.split("x"))
     model = load_model(args.model)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {"model": args.model, "frames": args.frames, "crop": args.crop, "reps": args.reps,
                "threads": torch.get_num_threads(), "device": "cpu", "versions": versions(), "clips": {}}
     modes = ["off", *args.modes]
@@ -118,6 +127,8 @@ def main() -> None:
                 "encode_ratio": statistics.median(x[1] for x in ratios),
                 "decode_ratio": statistics.median(x[2] for x in ratios),
                 "time_ratio_per_rep": [x[0] for x in ratios],
+                "cpu_ratio": statistics.median((e + d) / (oe + od) for e, d, oe, od in
+                                               zip(r["enc_cpu"], r["dec_cpu"], off["enc_cpu"], off["dec_cpu"])),
                 "encode_s_per_frame": statistics.median(r["enc_s"]) / len(clip),
                 "decode_s_per_frame": statistics.median(r["dec_s"]) / len(clip),
                 "flop_fraction_encode": frac["enc"], "flop_fraction_decode": frac["dec"],
@@ -140,15 +151,16 @@ def write(results: dict, out: Path) -> None:
              f"Model `{results['model']}`, first {results['frames']} frames, centre crop {results['crop']} "
              f"(native pixels), modes interleaved frame by frame, {results['reps']} repetitions; times are "
              "the median same-run ratio to `off` (one frame per call).", "",
-             "| clip | kind | mode | FLOPs enc / dec | time enc+dec vs off | enc | dec | s/frame enc+dec "
-             "| PSNR vs source (dB) | loss vs off's (dB) | PSNR vs off (dB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| clip | kind | mode | FLOPs enc / dec | time enc+dec vs off | enc | dec | CPU time vs off "
+             "| s/frame enc+dec | PSNR vs source (dB) | loss vs off's (dB) | PSNR vs off (dB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, c in results["clips"].items():
         off = c["modes"]["off"]
         for mode, r in c["modes"].items():
             lines.append(
                 f"| {name} | {c['kind']} | {mode} | {r['flop_fraction_encode']:.3f} / {r['flop_fraction_decode']:.3f} "
                 f"| {r['time_ratio']:.2f}x | {r['encode_ratio']:.2f}x | {r['decode_ratio']:.2f}x "
+                f"| {r['cpu_ratio']:.2f}x "
                 f"| {r['encode_s_per_frame'] + r['decode_s_per_frame']:.2f} | {r['psnr_vs_source']:.2f} "
                 f"| {off['psnr_vs_source'] - r['psnr_vs_source']:.2f} | {r['psnr_vs_off']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -162,16 +174,18 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig.suptitle(f"model {results['model']}, CPU, {results['threads']} thread(s)")
     for name, c in results["clips"].items():
         modes = [m for m in c["modes"] if m not in ("off", "exact")]
         ts = [float(m) for m in modes]
         r = [c["modes"][m] for m in modes]
         flops = [(x["flop_fraction_encode"] + x["flop_fraction_decode"]) / 2 for x in r]
         axes[0].plot(ts, flops, "o-", label=name)
-        axes[1].plot(ts, [x["time_ratio"] for x in r], "o-", label=name)
+        line, = axes[1].plot(ts, [x["time_ratio"] for x in r], "o-", label=name)
+        axes[1].plot(ts, [x["cpu_ratio"] for x in r], "x--", c=line.get_color())
         axes[2].plot(ts, [c["modes"]["off"]["psnr_vs_source"] - x["psnr_vs_source"] for x in r], "o-", label=name)
     axes[0].set_ylabel("FLOP fraction (mean of encode, decode)")
-    axes[1].set_ylabel("time encode+decode / off")
+    axes[1].set_ylabel("time encode+decode / off (o: wall, x: CPU)")
     axes[1].axhline(0.35, ls=":", c="k")
     axes[1].axhline(1.1, ls=":", c="r")
     axes[2].set_ylabel("PSNR loss vs source (dB)")

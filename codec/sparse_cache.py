@@ -27,6 +27,10 @@ For a new frame:
   Once a conv would recompute more than ``DENSE_FRACTION`` of the cells, the rest of the network
   runs densely for that frame (its cache becomes the exact dense result).
 
+Decisions: on the host path (the CPU's) each step reads its cell mask (numpy); on the device path
+(``sync_free``, CUDA's) the host reads a few counts once per frame, and each step runs a batch of
+planned size on the device (see SparseNetCache).
+
 GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
 frame with the frame's own statistics and merged cell by cell. Not supported (callers fall back
 to the tiled path): the KL family.
@@ -34,8 +38,10 @@ to the tiled path): the KL family.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +56,8 @@ MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its 
 CUT_FRACTION = 0.3  # more cells than this to recompute at the first conv: scene cut, dense refresh
 DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
 ACT_FACTOR = 0.25  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
+HEADROOM = 1.25  # device path: batch capacity over the cells expected (see SparseNetCache.plan)
+HISTORY = 4  # device path: frames of counts the capacity covers (a moving object's cells vary)
 
 
 class Unsupported(ValueError):
@@ -108,9 +116,12 @@ class ConvStep:
 
     def packed(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, P, P, Cin) patches with their halo -> (B, s, s, Cout) cells (before the residual)."""
+        if self.unshuffle:  # pixel_unshuffle in NHWC: channel c * 4 + 2 i + j (F.pixel_unshuffle on a
+            # channels_last view copies element by element: slower than the conv on the CPU)
+            b, p, _, c = patches.shape
+            patches = patches.view(b, p // 2, 2, p // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
+            patches = patches.reshape(b, p // 2, p // 2, 4 * c)
         x = patches.permute(0, 3, 1, 2)  # channels_last view
-        if self.unshuffle:
-            x = F.pixel_unshuffle(x, 2)
         if self.upsample:  # the four output phases of upsample + conv, as kernels.upsample_conv3x3
             w = kernels.fold_weight(self.conv.weight).to(x.dtype)
             phases = F.conv2d(x, w)  # (B, 4 Cout, s + 1, s + 1)
@@ -121,10 +132,11 @@ class ConvStep:
             if self.conv.bias is not None:
                 y += self.conv.bias.to(x.dtype).view(1, -1, 1, 1)
             return y.permute(0, 2, 3, 1)
-        y = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride)
-        if self.shuffle:
-            y = F.pixel_shuffle(y, 2)
-        return y.permute(0, 2, 3, 1)
+        y = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride).permute(0, 2, 3, 1)
+        if self.shuffle:  # pixel_shuffle in NHWC (channel c * 4 + 2 i + j -> pixel (2 y + i, 2 x + j))
+            b, s, _, c = y.shape
+            y = y.reshape(b, s, s, c // 4, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * s, 2 * s, c // 4)
+        return y
 
 
 @dataclass
@@ -219,6 +231,7 @@ class SparseStats(CacheStats):
     flops: int = 0
     dense_flops: int = 0
     flops_per_frame: list[float] = field(default_factory=list)
+    deferred: int = 0  # device path: cell-steps deferred to the next frame (batch capacity exceeded)
 
     @property
     def flop_fraction(self) -> float:
@@ -244,6 +257,7 @@ class _CellIndex:
         self.index = (y[:, None, :, None] * width + x[None, :, None, :]).reshape(rows * cols, p * p)
         valid = (valid_y[:, None, :, None] & valid_x[None, :, None, :]).reshape(rows * cols, p, p, 1)
         self.border = (~valid).flatten(1).any(1)  # cells whose patch reaches outside the frame
+        self.border_host = self.border.cpu().numpy()
         self.valid = valid
         self.p = p
 
@@ -263,18 +277,32 @@ class SparseNetCache:
     ``rows, cols``: the cell grid (latent size); ``scale``: px per cell of the network input (8
     for an encoder, 1 for a decoder). ``threshold``: None (no cache: dense every frame), 0.0
     (exact) or T in uint8 levels.
+
+    ``sync_free`` chooses how a sparse frame sizes its batches. False (the host path, fastest on
+    the CPU, which waits for every op anyway): each step reads its cell mask on the host. True
+    (the device path, for CUDA): no step reads anything; each step runs a batch of a fixed
+    ``capacity`` (:meth:`plan`, from the host's one read per frame) with ``nonzero_static``; the
+    first sparse frame runs the host path to measure the counts. Needed cells past the capacity
+    (rare: the capacity has headroom over the last frames' counts) keep their cached values this
+    frame and are recomputed first thing next frame (``pending``): that frame's output is stale
+    in those cells, counted in ``SparseStats.deferred``.
     """
 
     def __init__(self, layers: nn.Sequential, scale: int, rows: int, cols: int, threshold: float | None,
-                 device: torch.device):
+                 device: torch.device, sync_free: bool = False):
         self.steps, self.channels = plan_steps(layers, scale)
         self.rows, self.cols, self.scale, self.threshold = rows, cols, scale, threshold
-        self.device = device
+        self.device, self.sync_free = device, sync_free
         self.cells = rows * cols
         self.buffers: list[torch.Tensor | None] = [None] * len(self.channels)
-        self.act_scale: list[torch.Tensor | None] = [None] * len(self.channels)
+        self.tau: list[torch.Tensor | None] = [None] * len(self.channels)  # per-buffer change threshold
         self._index: dict[tuple[int, int], _CellIndex] = {}
         self.dense_flops = self.cells * sum(s.flops_per_cell() for s in self.steps)
+        # device path: cells deferred per step, and the last sparse frame's counts (device tensors)
+        self.pending: list[torch.Tensor | None] = [None] * len(self.steps)
+        self.readback: torch.Tensor | None = None  # (steps + 1,): cells needed per step, deferred cells
+        self.history: collections.deque[list[int]] = collections.deque(maxlen=HISTORY)  # counts per frame
+        self.last_spread = 0  # the spread that the last sparse frame planned for
 
     def buffer_scale(self, b: int) -> int:
         if b == 0:
@@ -291,6 +319,20 @@ class SparseNetCache:
             self._index[key] = _CellIndex(self.rows * s, self.cols * s, s, halo, self.device)
         return self._index[key]
 
+    def plan(self, spread: int) -> list[int]:
+        """Device path: each step's batch size for the coming sparse frame, with HEADROOM over the
+        changed input cells with a two-cell halo (``spread``) and over the most cells the step
+        needed in the last HISTORY sparse frames (read back with the next frame's counts: no
+        extra wait). ``self.cells``: the step runs densely (over DENSE_FRACTION expected)."""
+        grow = max(1.0, spread / max(1, self.last_spread))
+        expect = []
+        for k in range(len(self.steps)):  # the most the step needed in the last frames, scaled by
+            known = [c[k] for c in self.history if c[k] >= 0]  # the growth of the input's spread
+            # not measured (it ran densely): as the step before
+            expect.append(max(spread, max(known) * grow) if known else expect[-1] if expect else spread)
+        return [self.cells if e > DENSE_FRACTION * self.cells else min(self.cells, bucket(int(HEADROOM * e)))
+                for e in expect]
+
     # ---- a frame ---------------------------------------------------------------------------
     def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Run the whole network densely on x (1, C, H, W) and keep every activation."""
@@ -299,50 +341,81 @@ class SparseNetCache:
             res = self.buffers[st.residual] if st.residual is not None else None
             y = _nhwc(st.dense(self.buffers[st.src], res))
             self.buffers[st.dst] = y
-            if self.threshold:  # a cheap estimate of the activations' magnitude (every 4th px)
-                self.act_scale[st.dst] = y[..., ::4, ::4].abs().mean()
+            if self.threshold:  # from a cheap estimate of the activations' magnitude (every 4th px)
+                self.tau[st.dst] = ACT_FACTOR * self.threshold / 255.0 * y[..., ::4, ::4].abs().mean()
+        self.pending = [None] * len(self.steps)
         return self.buffers[-1], self.dense_flops
 
-    def sparse(self, x: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def sparse(self, x: torch.Tensor, changed: torch.Tensor, capacity: list[int] | None = None
+               ) -> tuple[torch.Tensor, int]:
         """x (1, C, H, W): the new input, equal to the cached one outside the ``changed`` cells
-        ((rows, cols) bool). Returns the output and the FLOPs that ran."""
-        masks: list[torch.Tensor | None] = [None] * len(self.buffers)
-        self.buffers[0], masks[0] = x, changed
+        ((rows, cols) bool). ``capacity``: per step, the batch size of the device path (None: the
+        host path). Returns the output and the FLOPs that ran."""
+        # the host path keeps its cell masks on the host (numpy: a tenth of torch's cost per op on
+        # arrays of a few thousand cells); the device path on the device
+        host = capacity is None
+        masks: list = [None] * len(self.buffers)
+        self.buffers[0], masks[0] = x, changed.cpu().numpy() if host else changed
         flops = 0
-        self.counts = []  # cells recomputed per step (self.cells: dense)
-        self.ran = []  # cells run per step: counts padded to a bucket size
+        self.counts = []  # cells recomputed per step (self.cells: dense); device path: tensors
+        self.ran = []  # cells run per step: counts padded to a bucket size (or the capacity)
+        deferred = []
         dense = False
-        for st in self.steps:
+        for k, st in enumerate(self.steps):
             if not dense and isinstance(st, NormBlockStep):
-                masks[st.dst], count = self._merge_dense(st), self.cells
+                keep, count = self._merge_dense(st), self.cells
+                masks[st.dst] = keep.cpu().numpy() if host else keep
                 self.counts.append(count)
                 self.ran.append(count)
                 flops += count * st.flops_per_cell()
                 continue
             if not dense:
-                need = _dilate(masks[st.src])  # the halo
+                need = _dilate_host(masks[st.src]) if host else _dilate(masks[st.src])  # the halo
                 if st.residual is not None:
                     need |= masks[st.residual]
-                cells = need.flatten().nonzero().squeeze(1)
-                count = cells.numel()
-                # the change has spread over much of the frame: the rest of the network runs densely
-                # (its cache becomes the exact dense result: nothing to compare, nothing drifts)
-                dense = count > DENSE_FRACTION * self.cells
+                if host:
+                    cells = np.flatnonzero(need)
+                    count = cells.size
+                    ran = min(bucket(count), self.cells) if count else 0
+                    # the change has spread over much of the frame: the rest of the network runs
+                    # densely (its cache becomes the exact dense result: nothing to compare or drift)
+                    dense = count > DENSE_FRACTION * self.cells
+                else:
+                    if self.pending[k] is not None:
+                        need |= self.pending[k]
+                    count, ran = need.sum(), capacity[k]
+                    dense = ran == self.cells
+                if dense and capacity is not None:  # later steps: not measured (-1)
+                    self.counts += [count] + [-1] * (len(self.steps) - k - 1)
+                    self.pending = [None] * len(self.steps)
             if dense:
                 res = self.buffers[st.residual] if st.residual is not None else None
                 self.buffers[st.dst] = _nhwc(st.dense(self.buffers[st.src], res))
-                count = ran = self.cells
-            elif count == 0:
-                masks[st.dst], ran = need, 0
-            else:
+                ran = self.cells
+                if capacity is None:
+                    count = self.cells
+            elif capacity is None and count == 0:
+                masks[st.dst] = need
+            elif capacity is None:
                 # a few batch sizes: oneDNN/cuDNN plan (and CUDA graphs capture) once per shape;
                 # the padding repeats the last cell (written twice with the same values)
-                ran = min(bucket(count), self.cells)
-                cells = torch.cat([cells, cells[-1:].expand(ran - count)])
-                masks[st.dst] = self._sparse_step(st, cells)
-            self.counts.append(count)
+                cells = np.concatenate([cells, np.repeat(cells[-1:], ran - count)])
+                masks[st.dst] = self._sparse_step(st, torch.from_numpy(cells).to(self.device), cells)
+            else:
+                cells, self.pending[k] = _take(need.flatten(), ran)
+                deferred.append(self.pending[k].sum())
+                self.pending[k] = self.pending[k].view(self.rows, self.cols)
+                masks[st.dst] = self._sparse_step(st, cells, None, count > 0)
+            if len(self.counts) <= k:
+                self.counts.append(count)
             self.ran.append(ran)
             flops += ran * st.flops_per_cell()
+        if self.sync_free and capacity is None:  # a measuring frame: its counts plan the next ones
+            self.history.append(self.counts)
+        elif capacity is not None:  # read with the next frame's counts (one wait per frame)
+            zero = torch.zeros((), dtype=torch.long, device=self.device)
+            self.readback = torch.stack([torch.as_tensor(c, device=self.device) for c in self.counts]
+                                        + [sum(deferred, zero)])
         return self.buffers[-1], flops
 
     def _merge_dense(self, st: NormBlockStep) -> torch.Tensor:
@@ -353,21 +426,25 @@ class SparseNetCache:
         if self.threshold == 0:
             keep = F.max_pool2d((y != old).any(1, keepdim=True).float(), s)[0, 0] > 0
         else:
-            keep = F.avg_pool2d((y - old).abs().mean(1, keepdim=True), s)[0, 0] > self._tau(st)
+            keep = F.avg_pool2d((y - old).abs().mean(1, keepdim=True), s)[0, 0] > self.tau[st.dst]
             y = _nhwc(torch.where(_up(keep, s), y, old))
         self.buffers[st.dst] = y
         return keep
 
-    def _tau(self, st: ConvStep) -> torch.Tensor | float:
-        return ACT_FACTOR * self.threshold / 255.0 * self.act_scale[st.dst]
-
-    def _sparse_step(self, st: ConvStep, cells: torch.Tensor) -> torch.Tensor:
+    def _sparse_step(self, st: ConvStep, cells: torch.Tensor, host_cells: np.ndarray | None,
+                     any_needed: torch.Tensor | None = None):
+        """Recompute ``cells`` (B,) int64 of one step; returns the (rows, cols) bool cells kept.
+        Host path: ``host_cells`` the same cells in numpy, returns numpy. Device path:
+        ``any_needed`` a bool tensor, False when the batch is only padding."""
         src, dst = self.buffers[st.src], self.buffers[st.dst]
         ix = self.index(st.scale_in, st.halo)
         patches = _flat(src).index_select(0, ix.index[cells].flatten()).view(cells.numel(), ix.p, ix.p, -1)
-        if st.zero_pad:  # the dense conv reads zeros outside the frame
-            edge = ix.border[cells].nonzero().squeeze(1)
-            if edge.numel():
+        if st.zero_pad and any_needed is not None:  # the dense conv reads zeros outside the frame
+            patches = patches * ix.valid[cells]  # (every patch: picking the border ones would wait)
+        elif st.zero_pad:
+            edge = np.flatnonzero(ix.border_host[host_cells])
+            if edge.size:
+                edge = torch.from_numpy(edge).to(self.device)
                 patches[edge] = patches[edge] * ix.valid[cells[edge]]
         y = st.packed(patches)
         out_ix = self.index(st.scale_out, 0).index[cells].flatten()
@@ -379,16 +456,32 @@ class SparseNetCache:
         if self.threshold == 0:
             keep = (y != old).flatten(1).any(1)
         else:
-            keep = (y - old).abs_().mean((1, 2, 3)) > self._tau(st)
-        if y.device.type == "cuda":  # no host sync: write every recomputed cell, the kept ones new
-            y = torch.where(keep[:, None, None, None], y, old)
-        else:  # write only the kept cells (fewer bytes; the CPU syncs anyway)
-            sel = keep.nonzero().squeeze(1)
-            y, out_ix = y[sel], out_ix.view(cells.numel(), -1)[sel].flatten()
-        _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
+            keep = (y - old).abs_().mean((1, 2, 3)) > self.tau[st.dst]
+        if host_cells is not None:  # write only the kept cells (fewer bytes)
+            keep = keep.cpu().numpy()
+            sel = np.flatnonzero(keep)
+            if 0 < sel.size < keep.size:
+                rows = torch.from_numpy(sel).to(self.device)
+                y, out_ix = y[rows], out_ix.view(cells.numel(), -1)[rows].flatten()
+            if sel.size:
+                _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
+            mask = np.zeros(self.cells, dtype=bool)
+            mask[host_cells] = keep  # padding repeats a cell with the same result: same keep
+            return mask.reshape(self.rows, self.cols)
+        keep &= any_needed  # no wait: write every recomputed cell, the kept ones new
+        _flat(dst).index_copy_(0, out_ix, torch.where(keep[:, None, None, None], y, old).reshape(-1, y.shape[-1]))
         mask = torch.zeros(self.cells, dtype=torch.bool, device=self.device)
         mask[cells] = keep
         return mask.view(self.rows, self.cols)
+
+
+def _take(need: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device path: (cells,) bool -> the first ``capacity`` needed cells (capacity,) int64, padded
+    by repeating the first one (cell 0 when none is needed), and the needed cells past the
+    capacity (cells,) bool. Nothing is read back to the host."""
+    cells = torch.nonzero_static(need, size=capacity, fill_value=-1).squeeze(1)
+    cells = torch.where(cells >= 0, cells, cells[:1].clamp(min=0))
+    return cells, need & (need.cumsum(0) > capacity)
 
 
 def bucket(n: int) -> int:
@@ -402,6 +495,13 @@ def bucket(n: int) -> int:
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
     """(rows, cols) bool: the cells and their 8 neighbours (a 3x3 conv's one-cell halo)."""
     return F.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0
+
+
+def _dilate_host(mask: np.ndarray) -> np.ndarray:
+    """_dilate on the host: (rows, cols) bool numpy."""
+    p = np.pad(mask, 1)
+    r = p[:-2] | p[1:-1] | p[2:]
+    return r[:, :-2] | r[:, 1:-1] | r[:, 2:]
 
 
 def _up(mask: torch.Tensor, s: int) -> torch.Tensor:
@@ -432,6 +532,10 @@ def _check_family(model) -> None:
         raise Unsupported(f"sparse cache: the {model.family} family is not supported (tiny only)")
 
 
+def _sync_free(choice: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" if choice is None else choice
+
+
 class _SparseCoder:
     """Reference input, scene-cut and refresh policy, and statistics around one SparseNetCache."""
 
@@ -449,14 +553,25 @@ class _SparseCoder:
         """raw (C, H, W): one frame's input as compared; ``prepare(raw) -> (1, C, H, W)`` network input."""
         net = self.net
         due = self.refresh is not None and self.age + 1 >= self.refresh
-        if self.threshold is None or self.reference is None or due:
-            changed = None
-        else:
+        changed, reads = None, []
+        if self.threshold is not None and self.reference is not None and not due:
             changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit)
-            # one host sync per frame for both counts
-            count, spread = torch.stack([changed.sum(), _dilate(changed).sum()]).tolist()
-            if spread > CUT_FRACTION * net.cells:
-                changed = None  # scene cut
+            spread = _dilate(changed)
+            reads = [changed.sum(), spread.sum(), _dilate(spread).sum()]
+        last = net.readback  # the device path's counts of its last sparse frame
+        if last is not None:
+            reads.append(last)
+            net.readback = None
+        if reads:  # the one wait of a frame: both counts, and the device path's last counts
+            values = torch.cat([r.reshape(-1) for r in reads]).to("cpu", copy=True).tolist()
+            if last is not None:
+                net.history.append(values[-len(last):-1])
+                deferred = values[-1]
+                self.stats.deferred += deferred
+            if changed is not None:
+                count, spread, spread2 = values[:3]
+                if spread > CUT_FRACTION * net.cells:
+                    changed = None  # scene cut
         if changed is None:
             out, flops = net.dense(prepare(raw))
             self.stats.add(0, net.cells)
@@ -464,7 +579,11 @@ class _SparseCoder:
                 self.reference, self.age = raw.clone(), 0
         else:
             self.reference = torch.where(_up(changed, self.cell)[0], raw, self.reference)
-            out, flops = net.sparse(prepare(self.reference), changed)
+            # device path: batch sizes planned from the counts of the last frames; the first sparse
+            # frame measures them on the host path (a wait per step, once)
+            capacity = net.plan(spread2) if net.sync_free and net.history else None
+            net.last_spread = spread2
+            out, flops = net.sparse(prepare(self.reference), changed, capacity)
             self.stats.add(net.cells - count, net.cells)
             self.age += 1
         self.stats.add_flops(flops, net.dense_flops)
@@ -476,12 +595,15 @@ class SparseEncoderCache(_SparseCoder):
 
     ``__call__(frames)``: (N, H, W, 3) uint8 -> (N, C, H/8, W/8) in the model's dtype, frame by
     frame in clip order. ``prepare``: (N, H, W, 3) uint8 -> (N, 3, H, W) [-1, 1] model input.
+    ``sync_free``: the device path of :class:`SparseNetCache` (None: on CUDA devices only).
     """
 
-    def __init__(self, model, height: int, width: int, cache="exact", refresh=None, prepare=None):
+    def __init__(self, model, height: int, width: int, cache="exact", refresh=None, prepare=None,
+                 sync_free: bool | None = None):
         _check_family(model)
         self.model, self.prepare = model, prepare
-        net = SparseNetCache(model.encoder, CELL, height // CELL, width // CELL, parse_mode(cache), model.device)
+        net = SparseNetCache(model.encoder, CELL, height // CELL, width // CELL, parse_mode(cache), model.device,
+                             _sync_free(sync_free, model.device))
         super().__init__(net, cache, refresh, unit=1.0, cell=CELL)
 
     @torch.no_grad()
@@ -497,12 +619,15 @@ class SparseEncoderCache(_SparseCoder):
 
 
 class SparseDecoderCache(_SparseCoder):
-    """scaled latents (N, C, h, w) -> images (N, 3, 8h, 8w) nominally [-1, 1], as ``model.decode``."""
+    """scaled latents (N, C, h, w) -> images (N, 3, 8h, 8w) nominally [-1, 1], as ``model.decode``.
+    ``sync_free``: as :class:`SparseEncoderCache`."""
 
-    def __init__(self, model, rows: int, cols: int, cache="exact", refresh=None, unit: float = 127.5):
+    def __init__(self, model, rows: int, cols: int, cache="exact", refresh=None, unit: float = 127.5,
+                 sync_free: bool | None = None):
         _check_family(model)
         self.model = model
-        net = SparseNetCache(model.decoder, 1, rows, cols, parse_mode(cache), model.device)
+        net = SparseNetCache(model.decoder, 1, rows, cols, parse_mode(cache), model.device,
+                             _sync_free(sync_free, model.device))
         super().__init__(net, cache, refresh, unit=unit, cell=1)
 
     @torch.no_grad()

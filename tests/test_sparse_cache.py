@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from codec.models import build
@@ -218,3 +219,106 @@ def test_coder_uses_the_sparse_cache_for_a_threshold_and_keeps_exact_bit_identic
     e, d = roundtrip_video(src, tmp_path / "out.mp4", model, options=CoderOptions(cache="2"))
     assert 0 < e.flop_fraction <= 1 and 0 < d.flop_fraction <= 1
     assert len(e.flops_per_frame) == 6 and len(d.flops_per_frame) == 6
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: reading a value (item, nonzero,
+    masked_select, bool of a tensor) and copies to the CPU (on a CPU tensor: ``.to("cpu")``)."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_cpu = func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu")
+        if func in self.WAITS or to_cpu:
+            self.waits.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def moving_object(n, h, w):
+    """A static background with an 8x12 px bright object moving right by 4 px per frame."""
+    frames = static_clip(n, h, w)
+    for i in range(1, n):
+        frames[i, 40:48, 20 + 4 * i:32 + 4 * i] = 255
+    return frames
+
+
+def blinking_object(n, h, w):
+    """A static background with an 8x12 px object that blinks (odd frames): the same cells every frame."""
+    frames = static_clip(n, h, w)
+    frames[1::2, 40:48, 44:56] = 255
+    return frames
+
+
+@pytest.mark.parametrize("mode", ["exact", "2"])
+def test_device_path_matches_the_host_path(mode):
+    """sync_free=True (the CUDA decision path: nonzero_static with a planned capacity) gives the
+    host path's output when the capacity suffices, and computes at least the host path's cells."""
+    model = small()
+    h, w = 96, 128  # 12 x 16 cells
+    frames = blinking_object(6, h, w)
+    host = SparseEncoderCache(model, h, w, mode, prepare=prepare(model), sync_free=False)
+    device = SparseEncoderCache(model, h, w, mode, prepare=prepare(model), sync_free=True)
+    za, zb = host(frames), device(frames)
+    assert device.net.sync_free and not host.net.sync_free
+    assert device.stats.deferred == 0
+    assert torch.allclose(za, zb, atol=1e-6)
+    assert torch.allclose(zb, dense_encode(model, frames), atol=1e-5 if mode == "exact" else 0.05)
+    # the first sparse frame plans for a growing halo (here: too many cells, dense), then sparse
+    assert all(0 < f < 1 for f in device.stats.flops_per_frame[2:])
+    assert all(a <= b for a, b in zip(host.stats.flops_per_frame, device.stats.flops_per_frame))  # ... capacity >= need
+    # the same cells needed at every step both ran sparsely (-1: not measured, after a dense step)
+    pairs = [(int(d), h) for d, h in zip(device.net.counts, host.net.counts) if d >= 0 and h < device.net.cells]
+    assert len(pairs) >= 5 and all(d == h for d, h in pairs)
+    z = dense_encode(model, frames[:1]).repeat(6, 1, 1, 1)
+    z[1::2, :, 5:7, 6:8] += 0.5  # a blinking 2 x 2 latent cells
+    dec_host = SparseDecoderCache(model, 12, 16, mode, sync_free=False)
+    dec_device = SparseDecoderCache(model, 12, 16, mode, sync_free=True)
+    assert torch.allclose(dec_host(z), dec_device(z), atol=1e-6) and dec_device.stats.deferred == 0
+    assert all(0 < f < 1 for f in dec_device.stats.flops_per_frame[2:])
+
+
+def test_device_path_defers_cells_past_the_capacity_and_catches_up():
+    """A batch capacity below the need: the extra cells keep their cached values for one frame
+    (counted), and are recomputed the next frame, which then equals the dense model."""
+    model = small()
+    h, w = 96, 128
+    frames = moving_object(2, h, w)
+    enc = SparseEncoderCache(model, h, w, "exact", prepare=prepare(model), sync_free=True)
+    net = enc.net
+    enc(frames[:1])
+    x = prepare(model)(frames[1:]).add(1).div(2).contiguous(memory_format=torch.channels_last)
+    changed = cell_change(frames[1].permute(2, 0, 1), frames[0].permute(2, 0, 1), 8, 0.0, 1.0)
+    want = dense_encode(model, frames[1:]) / model.scaling_factor + model.shift_factor
+    out, _ = net.sparse(x, changed, capacity=[16] * len(net.steps))  # the first conv needs 3 x 5 = 15 cells: fits
+    assert not torch.allclose(out, want, atol=1e-3)  # deeper steps deferred cells: stale output
+    deferred = net.readback[-1].item()
+    assert deferred > 0 and [p is not None and p.any().item() for p in net.pending].count(True) > 0
+    # the next frames, same input: only the deferred cells (and what they change) run, until none is
+    # left (exact mode: a change spreads a cell per conv, so the catch-up may defer again)
+    for _ in range(4):
+        out, flops = net.sparse(x, torch.zeros_like(changed), capacity=[net.cells - 1] * len(net.steps))
+        assert net.counts[0] == 0 and flops < net.dense_flops
+        if net.readback[-1].item() == 0:
+            break
+    assert net.readback[-1].item() == 0
+    assert torch.allclose(out, want, atol=1e-5)  # the deferred cells ran: the dense result
+
+
+def test_device_path_waits_once_per_frame():
+    model = small()
+    h, w, n = 96, 128, 6
+    frames = moving_object(n, h, w)
+    enc = SparseEncoderCache(model, h, w, "2", prepare=prepare(model), sync_free=True)
+    enc(frames[:2])  # a dense frame, then a sparse one that measures the counts (host path)
+    with SyncCounter() as counter:
+        enc(frames[2:])
+        torch.ones(3).nonzero()  # the counter sees a wait
+    assert all(f < 1 for f in enc.stats.flops_per_frame[1:]) and enc.stats.deferred == 0
+    # one copy to the host per frame (the counts), nothing else
+    assert counter.waits == ["_to_copy.default"] * (n - 2) + ["nonzero.default"]
