@@ -82,7 +82,7 @@ class _TiledCoder:
         budget = options.max_memory or default_budget(model.device)
         self.cache = TemporalCache(options.cache, options.refresh, unit=unit)
         # A threshold cache on a whole frame runs the per-layer sparse cache when the model allows
-        # it (tiny family, no GroupNorm) and its activations fit the budget; `exact` stays with
+        # it (tiny and KL families) and its activations fit the budget; `exact` stays with
         # the tile cache: packed convs round differently from the dense conv, exact must not.
         self.sparse = None
         if self.cache.threshold and options.tile is None:

@@ -24,8 +24,8 @@ leaves it, stay within tolerance of the frozen ones: per group, the mean moved b
 that fraction of itself. With ``STAT_FACTOR`` 4 this is about T levels of footage whose standard
 deviation is 64 levels: the rule the tile cache applies to replayed global-norm statistics
 (codec.coder), in each layer's own units (checking only the network input does not bound the
-deeper layers: a local change of 13 levels in a latent moved a small random decoder's deep
-statistics enough for a 0.57 error). Beyond it :class:`KLNetCache` refreshes: a dense pass that
+deeper layers: in a small random decoder, one latent px of 768 changed by 13 levels, the input's
+statistics within T = 4, moved the deep statistics enough for an output error of 0.57). Beyond it :class:`KLNetCache` refreshes: a dense pass that
 measures every GroupNorm again (the sparse pass that found it counts in the frame's FLOPs too).
 With tolerance 0 frozen statistics are exact only for an identical frame, so any change refreshes
 at once. A refresh of this kind keeps the coder's reference (the cache is the dense result for
@@ -54,9 +54,9 @@ STAT_FACTOR = 4.0  # frozen GroupNorm statistics hold while they move by <= STAT
 
 @dataclass(frozen=True)
 class KLPath:
-    """One direction of a KL model as the cache runs it: ``post`` (post_quant_conv) then ``net``
-    (the Decoder), or ``net`` (the Encoder) then ``quant`` (quant_conv); ``rows`` x ``cols`` cells
-    per frame (the attention's cost depends on the frame size)."""
+    """One direction of a KL model as the cache runs it: the Encoder then ``quant`` (quant_conv),
+    or ``quant`` (post_quant_conv) then the Decoder; None when the model has none (SD3, FLUX).
+    ``rows`` x ``cols`` cells per frame (the attention's cost depends on the frame size)."""
 
     net: Encoder | Decoder
     quant: nn.Conv2d | None
@@ -322,6 +322,12 @@ class KLNetCache(SparseNetCache):
         super().__init__(path, scale, path.rows, path.cols, threshold, device)
         self.norms = [st for st in self.steps if isinstance(st, (NormStep, AttentionStep))]
         self.stat_refreshes = 0
+
+    def memory_bytes(self, element_size: int) -> int:
+        """The cached activations, plus the attention matrix a dense pass may materialize on the
+        CPU (tokens x tokens fp32, as ``tiling.activation_bytes`` counts it; CUDA's does not)."""
+        attn = sum(4 * st.tokens ** 2 for st in self.steps if isinstance(st, AttentionStep))
+        return super().memory_bytes(element_size) + (attn if self.device.type == "cpu" else 0)
 
     def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """A refresh: every GroupNorm measures the statistics of this frame and records them."""

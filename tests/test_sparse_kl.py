@@ -253,4 +253,6 @@ def test_coder_uses_the_sparse_cache_for_kl_and_falls_back_when_it_does_not_fit(
     assert dec(z).shape == frames.shape
     assert 0 < enc.stats.flop_fraction < 1
     need = enc.sparse.net.memory_bytes(4)
+    cached = sum(c * 63 * enc.sparse.net.buffer_scale(b) ** 2 * 4 for b, c in enumerate(enc.sparse.net.channels))
+    assert need == cached + 4 * 63 ** 2  # 7 x 9 cells; the attention matrix over its 63 tokens
     assert FrameEncoder(model, 50, 70, CoderOptions(cache="2", max_memory=need - 1)).sparse is None
