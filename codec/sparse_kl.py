@@ -19,17 +19,19 @@ A KL encoder or decoder is cut into the steps that ``SparseNetCache`` runs cell 
   outputs of quant_conv, or the first C channels of conv_out without quant convs.
 
 The frozen statistics stand while the statistics of every GroupNorm's input, as a sparse pass
-leaves it, stay within tolerance of the frozen ones: per group, the mean moved by at most
+leaves it, stay within tolerance of those at the refresh: per group, the mean moved by at most
 ``STAT_FACTOR * T / 255`` of the frozen standard deviation and the standard deviation by at most
-that fraction of itself. With ``STAT_FACTOR`` 4 this is about T levels of footage whose standard
+that fraction of itself (on every 4th pixel of the large buffers, the same pixels at the refresh
+and now, see ``KLNetCache._probe``). With ``STAT_FACTOR`` 4 this is about T levels of footage whose standard
 deviation is 64 levels: the rule the tile cache applies to replayed global-norm statistics
-(codec.coder), in each layer's own units (checking only the network input does not bound the
-deeper layers: in a small random decoder, one latent px of 768 changed by 13 levels, the input's
-statistics within T = 4, moved the deep statistics enough for an output error of 0.57). Beyond it :class:`KLNetCache` refreshes: a dense pass that
-measures every GroupNorm again (the sparse pass that found it counts in the frame's FLOPs too).
-With tolerance 0 frozen statistics are exact only for an identical frame, so any change refreshes
-at once. A refresh of this kind keeps the coder's reference (the cache is the dense result for
-that input): the hit rate counts input cells taken from the reference, the FLOP fraction the work.
+(codec.coder), in each layer's own units. Checking only the network input does not bound the
+deeper layers: in a small random decoder, one latent px of 768 changed by 13 levels (the input's
+statistics within T = 4) moved the deep statistics enough for an output error of 0.57. Beyond the
+tolerance :class:`KLNetCache` refreshes: a dense pass that measures every GroupNorm again (the
+sparse pass that found it counts in the frame's FLOPs too). With tolerance 0 frozen statistics
+are exact only for an identical frame, so any change refreshes at once. A refresh of this kind
+keeps the coder's reference (the cache is the dense result for that input): the hit rate counts
+input cells taken from the reference, the FLOP fraction the work.
 
 FLOPs counted: convolutions and the attention's projections and matmuls (multiply-adds x 2);
 GroupNorm and additions are left out (a few per element against hundreds for a conv).
@@ -66,26 +68,44 @@ class KLPath:
 
 class FrozenStats:
     """The GroupNorm statistics of one layer recorded at the last refresh: ``mean``, ``rstd``
-    (1, G) fp32, or None before the first refresh (the next dense run measures them)."""
+    (1, G) fp32, or None before the first refresh (the next dense run measures them).
+
+    With the statistics fixed, GroupNorm and its affine are one per-channel map x * a + b
+    (``a = rstd w``, ``b = bias - mean rstd w``, fp32 (C,)), applied as one multiply-add and the
+    activation: the same on every device and layout, where the CPU reference of
+    ``kernels.group_norm_apply`` regroups a channels_last tensor through copies.
+    """
 
     def __init__(self, norm: GroupNormAct):
         self.norm = norm
         self.mean: torch.Tensor | None = None
         self.rstd: torch.Tensor | None = None
+        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def clear(self) -> None:
-        self.mean = self.rstd = None
+        self.mean = self.rstd = self._affine = None
+
+    def measure(self, x: torch.Tensor) -> None:
+        """Record the statistics of x (1, C, H, W): a whole frame."""
+        n = self.norm
+        count, mean, m2 = kernels.group_norm_stats(x, n.num_groups)
+        self.mean, self.rstd = mean, torch.rsqrt(m2 / count + n.eps)
+        per_channel = n.num_channels // n.num_groups
+        rstd, mean = self.rstd[0].repeat_interleave(per_channel), mean[0].repeat_interleave(per_channel)
+        a = rstd * n.weight.float() if n.weight is not None else rstd
+        b = (n.bias.float() if n.bias is not None else 0) - mean * a
+        self._affine = (a, b)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm (+ the layer's activation) of x (N, C, H, W), measuring the statistics of
-        x (N == 1: a whole frame) first when none are recorded. Same dtype and memory format."""
-        g = self.norm.num_groups
-        if self.mean is None:
-            count, mean, m2 = kernels.group_norm_stats(x, g)
-            self.mean, self.rstd = mean, torch.rsqrt(m2 / count + self.norm.eps)
-        n = x.shape[0]
-        return kernels.group_norm_apply(x, self.mean.expand(n, -1), self.rstd.expand(n, -1), g,
-                                        self.norm.weight, self.norm.bias, act=self.norm.act)
+        """GroupNorm (+ the layer's activation) of x (N, C, H, W) with the recorded statistics,
+        measured on x (N == 1: a whole frame) first when none are recorded. Same dtype and layout."""
+        if self._affine is None:
+            self.measure(x)
+        a, b = (t.to(x.dtype).view(1, -1, 1, 1) for t in self._affine)
+        y = torch.addcmul(b, x, a)
+        if self.norm.act == "silu":
+            return F.silu(y)
+        return F.relu(y) if self.norm.act == "relu" else y
 
 
 @dataclass
@@ -321,6 +341,7 @@ class KLNetCache(SparseNetCache):
     def __init__(self, path: KLPath, scale: int, threshold: float | None, device: torch.device):
         super().__init__(path, scale, path.rows, path.cols, threshold, device)
         self.norms = [st for st in self.steps if isinstance(st, (NormStep, AttentionStep))]
+        self.probes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per norm: _probe() at the refresh
         self.stat_refreshes = 0
 
     def memory_bytes(self, element_size: int) -> int:
@@ -333,7 +354,10 @@ class KLNetCache(SparseNetCache):
         """A refresh: every GroupNorm measures the statistics of this frame and records them."""
         for st in self.norms:
             st.stats.clear()
-        return super().dense(x)
+        out = super().dense(x)
+        if self.threshold:
+            self.probes = [self._probe(st) for st in self.norms]
+        return out
 
     def sparse(self, x: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, int]:
         n = len(self.steps)
@@ -350,15 +374,26 @@ class KLNetCache(SparseNetCache):
         out, dense = self.dense(x)
         return out, flops + dense
 
+    def _probe(self, st) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) (1, G) fp32 of the GroupNorm input; on buffers of 4+ px per cell and at
+        least 2^16 px, of every 4th pixel in each direction (every cell sampled alike, 4096+
+        samples): compared between the same pixels at two times, a static region adds no
+        difference, and the large buffers are read at 1/16 (reading them whole cost about a third
+        of a dense pass on the CPU). Smaller buffers are read whole: few samples are noisy."""
+        x, norm = self.buffers[st.src], st.stats.norm
+        if st.scale_in >= 4 and x.shape[-2] * x.shape[-1] >= 1 << 16:
+            x = x[..., ::4, ::4]
+        count, mean, m2 = kernels.group_norm_stats(x, norm.num_groups)
+        return mean, (m2 / count + norm.eps).sqrt()
+
     def stats_moved(self) -> float:
-        """The largest move of a GroupNorm's input statistics from its frozen ones, over every
-        layer and group: |mean - mean0| * rstd0 and |rstd0 / rstd - 1| (one host sync)."""
+        """The largest move of a GroupNorm's input statistics since the refresh, over every layer
+        and group, in units of the frozen statistics: |mean - mean0| / std0 and |std / std0 - 1|
+        (on the probed pixels, see :meth:`_probe`; one host sync)."""
         moves = []
-        for st in self.norms:
-            f = st.stats
-            count, mean, m2 = kernels.group_norm_stats(self.buffers[st.src], f.norm.num_groups)
-            rstd = torch.rsqrt(m2 / count + f.norm.eps)
-            moves.append(torch.maximum((mean - f.mean).abs() * f.rstd, (f.rstd / rstd - 1).abs()).max())
+        for st, (mean0, std0) in zip(self.norms, self.probes):
+            mean, std = self._probe(st)
+            moves.append(torch.maximum((mean - mean0).abs() * st.stats.rstd, (std / std0 - 1).abs()).max())
         return torch.stack(moves).max().item()
 
 

@@ -11,7 +11,7 @@ import kernels
 from codec.models import build
 from codec.models.kl import Attention, ResnetBlock
 from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
-from codec.sparse_kl import AttentionStep, KLNetCache
+from codec.sparse_kl import STAT_FACTOR, AttentionStep, KLNetCache
 
 
 def small(name="sd15", seed=0, tame=False):
@@ -256,3 +256,17 @@ def test_coder_uses_the_sparse_cache_for_kl_and_falls_back_when_it_does_not_fit(
     cached = sum(c * 63 * enc.sparse.net.buffer_scale(b) ** 2 * 4 for b, c in enumerate(enc.sparse.net.channels))
     assert need == cached + 4 * 63 ** 2  # 7 x 9 cells; the attention matrix over its 63 tokens
     assert FrameEncoder(model, 50, 70, CoderOptions(cache="2", max_memory=need - 1)).sparse is None
+
+
+def test_statistics_check_on_large_buffers_compares_the_same_sampled_pixels():
+    """Full-resolution buffers of 2^16+ px are probed on every 4th pixel: right after a refresh
+    nothing moved, and a one-cell change moves the probed statistics a little, within tolerance."""
+    model = small(tame=True)
+    frames = smooth_clip(2, 256, 256)
+    frames[1, 96:104, 96:104] = 0
+    enc = SparseEncoderCache(model, 256, 256, "2", prepare=prepare(model))
+    enc(frames[:1])
+    assert enc.net.stats_moved() == 0.0
+    enc(frames[1:])
+    assert 0 < enc.net.stats_moved() <= STAT_FACTOR * 2 / 255 and enc.net.stat_refreshes == 0
+    assert 0 < enc.stats.flops_per_frame[1] < 0.5  # the attention (dense, 1024 tokens) is most of it
