@@ -5,8 +5,8 @@ A KL encoder or decoder is cut into the steps that ``SparseNetCache`` runs cell 
 - 3x3 convs (conv_in, ResNet convs, conv_out, upsample convs): ``sparse_cache.ConvStep``;
   a ResNet's ``conv2`` adds its skip (the input, or the 1x1 shortcut's output) as the residual;
 - GroupNorm(+SiLU) with FROZEN statistics (:class:`NormStep`): per cell an elementwise map
-  (``kernels.group_norm_apply`` with the (1, G) mean/rstd recorded at the last refresh), so it
-  reads no halo; the dense pass of a refresh measures the statistics of the whole frame
+  (a per-channel multiply-add from the (1, G) mean/rstd recorded at the last refresh, then the
+  activation), so it reads no halo; the dense pass of a refresh measures the statistics of the whole frame
   (``kernels.group_norm_stats``) and records them; any other dense run of the step (the rest of a
   frame whose change spread too far) applies the recorded ones, so dense and packed cells agree;
 - 1x1 convs (ResNet shortcut, post_quant_conv: :class:`PointwiseStep`), no halo;
@@ -87,13 +87,13 @@ class FrozenStats:
 
     def measure(self, x: torch.Tensor) -> None:
         """Record the statistics of x (1, C, H, W): a whole frame."""
-        n = self.norm
-        count, mean, m2 = kernels.group_norm_stats(x, n.num_groups)
-        self.mean, self.rstd = mean, torch.rsqrt(m2 / count + n.eps)
-        per_channel = n.num_channels // n.num_groups
-        rstd, mean = self.rstd[0].repeat_interleave(per_channel), mean[0].repeat_interleave(per_channel)
-        a = rstd * n.weight.float() if n.weight is not None else rstd
-        b = (n.bias.float() if n.bias is not None else 0) - mean * a
+        gn = self.norm
+        count, mean, m2 = kernels.group_norm_stats(x, gn.num_groups)
+        self.mean, self.rstd = mean, torch.rsqrt(m2 / count + gn.eps)
+        per_group = gn.num_channels // gn.num_groups
+        rstd, mean = self.rstd[0].repeat_interleave(per_group), mean[0].repeat_interleave(per_group)
+        a = rstd * gn.weight.float() if gn.weight is not None else rstd
+        b = (gn.bias.float() if gn.bias is not None else 0) - mean * a
         self._affine = (a, b)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
