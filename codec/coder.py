@@ -92,7 +92,7 @@ class _TiledCoder:
         plan_budget = planning_budget(model, budget)  # less the CUDA graphs' pool
         self.cache = TemporalCache(options.cache, options.refresh, unit=unit)
         # A threshold cache on a whole frame runs the per-layer sparse cache when the model allows
-        # it (tiny family, no GroupNorm) and its activations fit the budget; `exact` stays with
+        # it (tiny and KL families) and its activations fit the budget; `exact` stays with
         # the tile cache: packed convs round differently from the dense conv, exact must not.
         self.sparse = None
         if self.cache.threshold and options.tile is None:

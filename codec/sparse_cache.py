@@ -32,8 +32,8 @@ Decisions: on the host path (the CPU's) each step reads its cell mask (numpy); o
 planned size on the device (see SparseNetCache).
 
 GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
-frame with the frame's own statistics and merged cell by cell. Not supported (callers fall back
-to the tiled path): the KL family.
+frame with the frame's own statistics and merged cell by cell. The KL family's steps (frozen
+GroupNorm statistics, attention, 1x1 and downsample convs) are in ``codec.sparse_kl``.
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ class NormBlockStep:
 def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[int]]:
     """The conv steps of a tiny encoder (``scale`` 8) or decoder (``scale`` 1), and the channel
     count of each buffer (buffer 0 is the network input). Raises :class:`Unsupported`."""
+    if not isinstance(layers, nn.Sequential):  # one direction of a KL model (a sparse_kl.KLPath)
+        from .sparse_kl import plan_kl_steps
+        return plan_kl_steps(layers, scale)
     items = list(layers)
     steps: list[ConvStep] = []
     channels = [None]
@@ -370,7 +373,8 @@ class SparseNetCache:
                 flops += count * st.flops_per_cell()
                 continue
             if not dense:
-                need = _dilate_host(masks[st.src]) if host else _dilate(masks[st.src])  # the halo
+                src = masks[st.src]  # the halo (a step reading no neighbours adds none)
+                need = (_dilate_host(src) if host else _dilate(src)) if st.halo else src.copy() if host else src.clone()
                 if st.residual is not None:
                     need |= masks[st.residual]
                 if host:
@@ -528,8 +532,19 @@ def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, thres
 
 
 def _check_family(model) -> None:
-    if model.family != "tiny":
-        raise Unsupported(f"sparse cache: the {model.family} family is not supported (tiny only)")
+    if model.family not in ("tiny", "kl"):
+        raise Unsupported(f"sparse cache: the {model.family} family is not supported (tiny and kl only)")
+
+
+def _net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None,
+               sync_free: bool | None) -> SparseNetCache:
+    """The cache of the model's encoder or decoder (rows x cols cells of ``scale`` px at its input).
+    The KL family's runs the host decision path only (its statistics check reads the host anyway)."""
+    if model.family == "kl":
+        from .sparse_kl import kl_net_cache
+        return kl_net_cache(model, decode, scale, rows, cols, threshold)
+    layers = model.decoder if decode else model.encoder
+    return SparseNetCache(layers, scale, rows, cols, threshold, model.device, _sync_free(sync_free, model.device))
 
 
 def _sync_free(choice: bool | None, device: torch.device) -> bool:
@@ -602,17 +617,16 @@ class SparseEncoderCache(_SparseCoder):
                  sync_free: bool | None = None):
         _check_family(model)
         self.model, self.prepare = model, prepare
-        net = SparseNetCache(model.encoder, CELL, height // CELL, width // CELL, parse_mode(cache), model.device,
-                             _sync_free(sync_free, model.device))
+        net = _net_cache(model, False, CELL, height // CELL, width // CELL, parse_mode(cache), sync_free)
         super().__init__(net, cache, refresh, unit=1.0, cell=CELL)
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         m = self.model
 
-        def prepare(raw):  # the model's own arithmetic: encoder((x + 1) / 2)
+        def prepare(raw):  # the model's own arithmetic: encoder((x + 1) / 2) (tiny), encoder(x) (kl)
             x = self.prepare(raw.permute(1, 2, 0)[None]).to(m.dtype)
-            return _nhwc((x + 1) / 2)
+            return _nhwc((x + 1) / 2 if m.family == "tiny" else x)
 
         out = [self._frame(f.permute(2, 0, 1), prepare) for f in frames]
         return (torch.cat(out) - m.shift_factor) * m.scaling_factor
@@ -626,17 +640,16 @@ class SparseDecoderCache(_SparseCoder):
                  sync_free: bool | None = None):
         _check_family(model)
         self.model = model
-        net = SparseNetCache(model.decoder, 1, rows, cols, parse_mode(cache), model.device,
-                             _sync_free(sync_free, model.device))
+        net = _net_cache(model, True, 1, rows, cols, parse_mode(cache), sync_free)
         super().__init__(net, cache, refresh, unit=unit, cell=1)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         m = self.model
 
-        def prepare(raw):  # the model's own arithmetic: Clamp(z / scaling + shift)
+        def prepare(raw):  # the model's own arithmetic: Clamp(z / scaling + shift) (tiny; kl: no clamp)
             z = (raw[None] / m.scaling_factor + m.shift_factor).to(m.dtype)
-            return _nhwc(Clamp()(z))
+            return _nhwc(Clamp()(z) if m.family == "tiny" else z)
 
-        out = [self._frame(z, prepare) for z in latents]
-        return torch.cat(out) * 2 - 1
+        out = torch.cat([self._frame(z, prepare) for z in latents])
+        return out * 2 - 1 if m.family == "tiny" else out

@@ -166,8 +166,9 @@ def test_cell_change_measure():
 
 
 def test_unsupported_family_is_refused():
-    with pytest.raises(Unsupported, match="kl"):
-        SparseEncoderCache(build("sd15", block_out_channels=(8, 8), norm_num_groups=4), 16, 16, "2")
+    from types import SimpleNamespace
+    with pytest.raises(Unsupported, match="wan"):  # KL: codec.sparse_kl (tests/test_sparse_kl.py)
+        SparseEncoderCache(SimpleNamespace(family="wan"), 16, 16, "2")
 
 
 def test_taef2_layout_groupnorm_blocks_and_upsample_decoder():
