@@ -50,6 +50,7 @@ def run_clip(model, clip: np.ndarray, modes: list[str], reps: int) -> dict:
     repetition (wall ``enc_s``/``dec_s``, CPU ``enc_cpu``/``dec_cpu``), decoded frames and the cache
     statistics of the first repetition."""
     n, h, w, _ = clip.shape
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)  # time the device's work
 
     def pair(mode):
         return FrameEncoder(model, h, w, CoderOptions(cache=mode)), FrameDecoder(model, h, w, CoderOptions(cache=mode))
@@ -65,8 +66,9 @@ def run_clip(model, clip: np.ndarray, modes: list[str], reps: int) -> dict:
                 enc, dec = coders[m]
                 c0, t0 = time.process_time(), time.perf_counter()
                 z = enc(clip[i:i + 1])
+                sync()
                 c1, t1 = time.process_time(), time.perf_counter()
-                frame = dec(z).numpy()
+                frame = dec(z).cpu().numpy()
                 c2, t2 = time.process_time(), time.perf_counter()
                 out[m]["enc_s"][rep] += t1 - t0
                 out[m]["dec_s"][rep] += t2 - t1
@@ -99,15 +101,16 @@ def main() -> None:
     p.add_argument("--modes", nargs="*", default=["exact", "4", "8", "16"])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--out", default="bench/results/sparse_cache")
     args = p.parse_args()
     crop = tuple(int(v) for v in args.crop.split("x"))
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"model": args.model, "frames": args.frames, "crop": args.crop, "reps": args.reps,
-               "threads": torch.get_num_threads(), "device": "cpu", "versions": versions(), "clips": {}}
+               "threads": torch.get_num_threads(), "device": str(model.device), "versions": versions(), "clips": {}}
     modes = ["off", *args.modes]
     for name in args.clips:
         clip = read_clip(Path(args.data) / name, args.frames, crop)

@@ -154,8 +154,13 @@ class TileLayout:
                 cached[key] = self.windows(scale, device=tiles.device)
             windows = cached[key]
         k = len(self)
-        origins = torch.tensor([(f, y * scale, x * scale) for f in range(frames) for y, x in self.origins],
-                               dtype=torch.int64, device=tiles.device)
+        # kept per (scale, frames, device): a new host-to-device copy per call would wait for the device
+        origins = self.__dict__.setdefault("_origins", {})
+        key = (scale, frames, tiles.device)
+        if key not in origins:
+            origins[key] = torch.tensor([(f, y * scale, x * scale) for f in range(frames) for y, x in self.origins],
+                                        dtype=torch.int64, device=tiles.device)
+        origins = origins[key]
         window = windows.repeat(frames, 1, 1) if windows.dim() == 3 and windows.shape[0] == k else windows
         return kernels.blend_tiles(tiles, origins, window,
                                    (frames, tiles.shape[1], self.height * scale, self.width * scale))
