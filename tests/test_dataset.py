@@ -210,6 +210,15 @@ def test_changed_options_damaged_files_and_partials_are_redone(clips, reference,
     assert rows[GOOD[0]]["key"] != key and rows[GOOD[0]]["shape"][0] == 3
 
 
+def test_files_of_older_coder_rules_are_redone(monkeypatch):
+    """The same settings under other tiling/cache rules (an older version) give another key."""
+    from codec.dataset import work
+
+    now = work.ClipEncoder("unused", EncodeSettings()).options
+    monkeypatch.setattr(work, "CODER_RULES", work.CODER_RULES - 1)
+    assert work.ClipEncoder("unused", EncodeSettings()).options != now
+
+
 def test_weights_digest_follows_the_weights(tmp_path):
     model = load_model("default")
     a = weights_digest(model)

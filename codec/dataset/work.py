@@ -53,6 +53,12 @@ class EncodeSettings:
     cuda_graphs: bool = False
 
 
+# The coder's rules (tile planner, caches) as of this version: the same settings gave other tiles
+# before (2: the planner that minimizes covered pixels; --tile is the largest side), so files of an
+# older revision are encoded again. Bump it when a change makes the same settings give other latents.
+CODER_RULES = 2
+
+
 class ClipEncoder:
     """Holds the model; ``encoder(clip)`` writes ``outdir/clip.latents`` and returns its row."""
 
@@ -68,7 +74,7 @@ class ClipEncoder:
         self.weights = weights_digest(model)
         # What changes the latents besides the source and the weights; the model's path does not.
         opts = {k: v for k, v in asdict(settings).items() if k not in ("model", "device", "dtype", "cuda_graphs")}
-        opts.update(device=torch.device(self.device).type, dtype=str(self.dtype).removeprefix("torch."),
+        opts.update(rules=CODER_RULES, device=torch.device(self.device).type, dtype=str(self.dtype).removeprefix("torch."),
                     family=model.family, latent_channels=model.latent_channels,
                     scaling_factor=model.scaling_factor, shift_factor=model.shift_factor)
         self.options = options_digest(opts)
