@@ -503,14 +503,21 @@ def _dilate(mask: torch.Tensor) -> torch.Tensor:
 
 def _dilate_host(mask: np.ndarray) -> np.ndarray:
     """_dilate on the host: (rows, cols) bool numpy."""
-    p = np.pad(mask, 1)
-    r = p[:-2] | p[1:-1] | p[2:]
-    return r[:, :-2] | r[:, 1:-1] | r[:, 2:]
+    r = mask.copy()  # shifted ORs in place: np.pad costs ~50 us a call, ~70 calls a frame
+    r[1:] |= mask[:-1]
+    r[:-1] |= mask[1:]
+    out = r.copy()
+    out[:, 1:] |= r[:, :-1]
+    out[:, :-1] |= r[:, 1:]
+    return out
 
 
 def _up(mask: torch.Tensor, s: int) -> torch.Tensor:
     """(rows, cols) -> (1, 1, rows*s, cols*s), each cell repeated over its s x s pixels."""
-    return mask[None, None].repeat_interleave(s, 2).repeat_interleave(s, 3) if s > 1 else mask[None, None]
+    if s == 1:
+        return mask[None, None]
+    rows, cols = mask.shape
+    return mask[:, None, :, None].expand(rows, s, cols, s).reshape(1, 1, rows * s, cols * s)
 
 
 def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, threshold: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,3 +324,16 @@ def test_device_path_waits_once_per_frame():
     assert all(f < 1 for f in enc.stats.flops_per_frame[1:]) and enc.stats.deferred == 0
     # one copy to the host per frame (the counts), nothing else
     assert counter.waits == ["_to_copy.default"] * (n - 2) + ["nonzero.default"]
+
+
+def test_host_dilation_and_cell_upsampling_match_their_torch_forms():
+    """The host path's halo (numpy) equals the device path's (max-pool), edges and 1-wide grids
+    included; _up repeats each cell over its s x s pixels."""
+    from codec.sparse_cache import _dilate, _dilate_host, _up
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        mask = rng.random((int(rng.integers(1, 9)), int(rng.integers(1, 9)))) < 0.2
+        assert (_dilate_host(mask) == _dilate(torch.from_numpy(mask)).numpy()).all()
+        t, s = torch.from_numpy(mask), int(rng.integers(1, 5))
+        assert torch.equal(_up(t, s), t[None, None].repeat_interleave(s, 2).repeat_interleave(s, 3))
