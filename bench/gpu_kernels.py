@@ -18,7 +18,6 @@ and writes JSON (checks, timings, device and versions) to ``--json``, default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import pathlib
@@ -37,16 +36,6 @@ import kernels  # noqa: E402
 def time_ms(fn, reps: int) -> float:
     """Median CUDA-event milliseconds of ``fn`` after 5 untimed calls."""
     return timing.time_ms(fn, torch.device("cuda"), reps, warmup=5)[0]
-
-
-@contextlib.contextmanager
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def copy_gbps(x: torch.Tensor, reps: int) -> float:
@@ -138,7 +127,7 @@ def cases(dev: torch.device, smoke: bool = False):
     wt = (torch.randn(cin, cin, 3, 3, device=dev, generator=gen) / (9 * cin) ** 0.5).to(torch.float16)
     bias = (0.1 * torch.randn(cin, device=dev, generator=gen)).to(torch.float16)
     folded = kernels.fold_weight(wt)
-    with no_tf32():  # an fp32 truth, not a TF32 one
+    with timing.no_tf32():  # an fp32 truth, not a TF32 one
         truth = kernels.upsample_conv3x3(x.float(), wt.float(), bias.float(), reference=True)
     # Folding sums 2-4 fp16 weights and rounds them once more: allow 4x the reference's own error.
     if check(f"upsample_conv3x3 1x{cin}x{h}x{w} nhwc", kernels.upsample_conv3x3(x, wt, bias, folded=folded),

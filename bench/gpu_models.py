@@ -59,7 +59,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from timing import sync, time_ms  # noqa: E402  (bench/timing.py, beside this script)
+from timing import no_tf32, sync, time_ms  # noqa: E402  (bench/timing.py, beside this script)
 
 import kernels  # noqa: E402
 from codec.bench import has_diffusers_twin  # noqa: E402
@@ -216,16 +216,6 @@ def peak_memory(dev, record: dict):
         if dev.type == "cuda":
             sync(dev)
             record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-
-
-@contextlib.contextmanager
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def measure(rows: list, case: Case, op: str, variant: str, fn, truth, bound, dev, reps: int, **extra) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -34,3 +35,14 @@ def time_ms(fn, dev: torch.device, reps: int, warmup: int | None = None) -> tupl
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), times
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 off for matmuls and cuDNN inside the block (correctness checks compare fp32 exactly)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

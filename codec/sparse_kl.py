@@ -109,10 +109,11 @@ class FrozenStats:
 
 
 @dataclass
-class NormStep:
-    """GroupNorm + activation with frozen statistics: elementwise per cell, no halo."""
+class CellStep:
+    """What the steps below share: buffers ``src`` -> ``dst``, px per cell at both ends, no
+    residual or ReLU of their own; per cell with no halo unless a subclass says otherwise, so a
+    packed batch runs :meth:`dense` on its patches."""
 
-    stats: FrozenStats
     src: int
     dst: int
     scale_in: int
@@ -121,6 +122,19 @@ class NormStep:
     zero_pad = False
     residual = None
     relu = False
+
+    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.dense(patches.permute(0, 3, 1, 2), None).permute(0, 2, 3, 1)
+
+
+@dataclass
+class NormStep(CellStep):
+    """GroupNorm + activation with frozen statistics: elementwise per cell, no halo."""
+
+    stats: FrozenStats
 
     def flops_per_cell(self) -> int:
         return 0  # elementwise (see the module docstring)
@@ -128,23 +142,12 @@ class NormStep:
     def dense(self, x: torch.Tensor, res) -> torch.Tensor:
         return self.stats.apply(x)
 
-    def packed(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.stats.apply(patches.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
 
 @dataclass
-class PointwiseStep:
+class PointwiseStep(CellStep):
     """A 1x1 conv (ResNet shortcut, post_quant_conv): per cell, no halo."""
 
     conv: nn.Conv2d
-    src: int
-    dst: int
-    scale_in: int
-    scale_out: int
-    halo = 0
-    zero_pad = False
-    residual = None
-    relu = False
 
     def flops_per_cell(self) -> int:
         return 2 * self.conv.weight.numel() * self.scale_out ** 2
@@ -152,26 +155,15 @@ class PointwiseStep:
     def dense(self, x: torch.Tensor, res) -> torch.Tensor:
         return self.conv(x)
 
-    def packed(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.conv(patches.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
 
 @dataclass
-class MeanStep:
+class MeanStep(CellStep):
     """The posterior mean (``Autoencoder._encode_raw`` with ``sample=False``): the first
     ``channels`` outputs of ``quant`` (1x1) over the moments, or the first ``channels`` moments
     when the model has no quant_conv (SD3, FLUX). The log-variance is never computed."""
 
     quant: nn.Conv2d | None
     channels: int
-    src: int
-    dst: int
-    scale_in: int
-    scale_out: int
-    halo = 0
-    zero_pad = False
-    residual = None
-    relu = False
 
     def flops_per_cell(self) -> int:
         if self.quant is None:
@@ -184,12 +176,9 @@ class MeanStep:
         c = self.channels
         return F.conv2d(x, self.quant.weight[:c], self.quant.bias[:c])
 
-    def packed(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.dense(patches.permute(0, 3, 1, 2), None).permute(0, 2, 3, 1)
-
 
 @dataclass
-class DownsampleStep:
+class DownsampleStep(CellStep):
     """SD's downsample: zero pad right/bottom by one px, then a 3x3 stride-2 conv, no padding.
 
     Output px i reads input px 2i .. 2i+2, so an output cell (s_out px) reads its input cell (2
@@ -198,14 +187,8 @@ class DownsampleStep:
     """
 
     conv: nn.Conv2d
-    src: int
-    dst: int
-    scale_in: int
-    scale_out: int
     halo = 1
     zero_pad = True  # the dense path pads zeros (right/bottom: the only side it reads beyond)
-    residual = None
-    relu = False
 
     def flops_per_cell(self) -> int:
         return 2 * self.conv.weight.numel() * self.scale_out ** 2
