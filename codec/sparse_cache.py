@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -116,27 +117,50 @@ class ConvStep:
 
     def packed(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, P, P, Cin) patches with their halo -> (B, s, s, Cout) cells (before the residual)."""
-        if self.unshuffle:  # pixel_unshuffle in NHWC: channel c * 4 + 2 i + j (F.pixel_unshuffle on a
-            # channels_last view copies element by element: slower than the conv on the CPU)
-            b, p, _, c = patches.shape
-            patches = patches.view(b, p // 2, 2, p // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
-            patches = patches.reshape(b, p // 2, p // 2, 4 * c)
-        x = patches.permute(0, 3, 1, 2)  # channels_last view
+        b, p = patches.shape[:2]
         if self.upsample:  # the four output phases of upsample + conv, as kernels.upsample_conv3x3
-            w = kernels.fold_weight(self.conv.weight).to(x.dtype)
-            phases = F.conv2d(x, w)  # (B, 4 Cout, s + 1, s + 1)
-            b, cout, s = x.shape[0], self.conv.out_channels, x.shape[-1] - 2
+            x = patches.permute(0, 3, 1, 2)  # channels_last view
+            phases = F.conv2d(x, self._kernel[0].to(x.dtype))  # (B, 4 Cout, s + 1, s + 1)
+            cout, s = self.conv.out_channels, p - 2
             y = x.new_empty((b, cout, 2 * s, 2 * s))
-            for p, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                y[:, :, i::2, j::2] = phases[:, p * cout:(p + 1) * cout, i:i + s, j:j + s]
+            for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                y[:, :, i::2, j::2] = phases[:, k * cout:(k + 1) * cout, i:i + s, j:j + s]
             if self.conv.bias is not None:
                 y += self.conv.bias.to(x.dtype).view(1, -1, 1, 1)
             return y.permute(0, 2, 3, 1)
-        y = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride).permute(0, 2, 3, 1)
-        if self.shuffle:  # pixel_shuffle in NHWC (channel c * 4 + 2 i + j -> pixel (2 y + i, 2 x + j))
-            b, s, _, c = y.shape
-            y = y.reshape(b, s, s, c // 4, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * s, 2 * s, c // 4)
+        weight, bias, stride = self._kernel
+        weight, bias = weight.to(patches.dtype), bias if bias is None else bias.to(patches.dtype)
+        if p == weight.shape[-1]:  # one output px per cell: the patch is its own im2col
+            w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()  # (K K Cin, Cout)
+            x = patches.reshape(b, -1)
+            y = (torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)).view(b, 1, 1, -1)
+        else:
+            y = F.conv2d(patches.permute(0, 3, 1, 2), weight, bias, stride).permute(0, 2, 3, 1)
+        if self.shuffle:  # channels in (i, j, c) order: pixel (2 y + i, 2 x + j) moves whole
+            s, c = y.shape[1], y.shape[-1] // 4
+            y = y.reshape(b, s, s, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * s, 2 * s, c)
         return y
+
+    @cached_property
+    def _kernel(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The conv as ``packed`` runs it on NHWC patches, (weight, bias, stride), so that no
+        pixel (un)shuffle copies elements one by one: an unshuffle (channel c * 4 + 2 i + j) then
+        3x3 conv is one 6x6 stride-2 conv on the patch's own pixels; a conv before a shuffle
+        has its output channels reordered to (i, j, c), so the shuffle moves whole pixels.
+        Upsample steps: the folded phase kernel of kernels.upsample_conv3x3."""
+        w, b = self.conv.weight.detach(), self.conv.bias
+        b = None if b is None else b.detach()
+        if self.upsample:
+            return kernels.fold_weight(w), b, 1
+        if self.unshuffle:  # w[o, 4 c + 2 i + j, a, b] -> w'[o, c, 2 a + i, 2 b + j]
+            cout, cin = w.shape[0], w.shape[1] // 4
+            return w.reshape(cout, cin, 2, 2, 3, 3).permute(0, 1, 4, 2, 5, 3).reshape(cout, cin, 6, 6), b, 2
+        if self.shuffle:  # output channel 4 c + 2 i + j -> (2 i + j) C + c
+            c = w.shape[0] // 4
+            w = w.reshape(c, 4, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+            b = None if b is None else b.reshape(c, 4).t().reshape(-1)
+            return w, b, 1
+        return w, b, self.conv.stride[0]
 
 
 @dataclass
@@ -452,8 +476,8 @@ class SparseNetCache:
                 patches[edge] = patches[edge] * ix.valid[cells[edge]]
         y = st.packed(patches)
         out_ix = self.index(st.scale_out, 0).index[cells].flatten()
-        if st.residual is not None:
-            y = y + _flat(self.buffers[st.residual]).index_select(0, out_ix).view_as(y)
+        if st.residual is not None:  # y is the step's own new tensor: add in place
+            y = y.add_(_flat(self.buffers[st.residual]).index_select(0, out_ix).view_as(y))
         if st.relu:
             y = y.relu_()
         old = _flat(dst).index_select(0, out_ix).view_as(y)

@@ -337,3 +337,38 @@ def test_host_dilation_and_cell_upsampling_match_their_torch_forms():
         assert (_dilate_host(mask) == _dilate(torch.from_numpy(mask)).numpy()).all()
         t, s = torch.from_numpy(mask), int(rng.integers(1, 5))
         assert torch.equal(_up(t, s), t[None, None].repeat_interleave(s, 2).repeat_interleave(s, 3))
+
+
+@pytest.mark.parametrize("layers, scale", [
+    (lambda: [torch.nn.Conv2d(5, 6, 3, padding=1), torch.nn.ReLU()], 1),  # one px per cell: a matmul
+    (lambda: [torch.nn.Conv2d(5, 6, 3, padding=1)], 4),
+    (lambda: [torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(20, 6, 3, padding=1, bias=False)], 2),  # 6x6 stride 2, one px
+    (lambda: [torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(20, 6, 3, padding=1)], 8),
+    (lambda: [torch.nn.Conv2d(5, 24, 3, padding=1, padding_mode="replicate"), torch.nn.PixelShuffle(2)], 1),
+    (lambda: [torch.nn.Conv2d(5, 24, 3, padding=1), torch.nn.PixelShuffle(2)], 2),
+    (lambda: [torch.nn.Conv2d(5, 6, 3, padding=1, stride=2)], 4),
+], ids=["matmul", "conv", "unshuffle-matmul", "unshuffle", "shuffle-matmul-replicate", "shuffle", "stride"])
+def test_each_packed_conv_form_equals_its_dense_layer(layers, scale):
+    """Every way a step runs its cells (a matmul for one output px per cell, the unshuffle folded
+    into a 6x6 stride-2 conv, the shuffle's channels reordered, plain and strided convs) gives the
+    dense layer's values on the cells it recomputes, at the frame border too; the rest is kept."""
+    from codec.sparse_cache import SparseNetCache
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*layers())
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_()
+    rows, cols = 8, 10  # 3 changed cells with their halo: under DENSE_FRACTION of 80
+    cache = SparseNetCache(net, scale, rows, cols, 0.0, torch.device("cpu"))
+    x = torch.randn(1, 5, rows * scale, cols * scale).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        cache.dense(x)
+        changed = torch.zeros(rows, cols, dtype=torch.bool)
+        changed[0, 0] = changed[4, 5] = changed[7, 9] = True  # two corners and the middle
+        x2 = x.clone()
+        x2 += torch.repeat_interleave(torch.repeat_interleave(changed.float(), scale, 0), scale, 1)
+        out, flops = cache.sparse(x2, changed)
+        ref = net(x2)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert 0 < flops < cache.dense_flops
