@@ -54,6 +54,7 @@ from .models.tiny import Block, Clamp
 
 CELL = 8  # px per cell at the model's full resolution (one latent cell)
 MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
+PERSIST_FACTOR = 0.5  # a change that persists counts from PERSIST_FACTOR * T (see cell_change)
 CUT_FRACTION = 0.3  # more cells than this to recompute at the first conv: scene cut, dense refresh
 DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
 ACT_FACTOR = 0.25  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
@@ -545,12 +546,16 @@ def _up(mask: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, threshold: float,
-                unit: float) -> torch.Tensor:
+                unit: float, previous: torch.Tensor | None = None) -> torch.Tensor:
     """Which cells changed: (C, H, W) current vs reference (any dtype) -> (H/cell, W/cell) bool.
 
     ``threshold`` 0: any bit differs. Else a cell changed when its mean absolute change (in
     threshold units: values x ``unit``, averaged over channels) exceeds T, or one 2x2-pooled window
-    (one pixel when cell is 1) changed by more than MAX_FACTOR * T.
+    (one pixel when cell is 1) changed by more than MAX_FACTOR * T, or (with the ``previous``
+    frame) its change is over T/2 and PERSISTENT: less than half of it is new since the previous
+    frame. Noise differs from the reference about as much as from the previous frame, so T keeps
+    tolerating it; a shift that stays (the next GOP's coding, a light turned up a little) is
+    content, and left in place it would cost every following frame its error.
     """
     if threshold == 0:
         diff = (current != reference).any(0, keepdim=True).float()
@@ -559,7 +564,11 @@ def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, thres
     mean = F.avg_pool2d(d, cell)
     window = F.avg_pool2d(d, 2) if cell > 1 else d
     peak = F.max_pool2d(window, max(1, cell // 2))
-    return ((mean > threshold) | (peak > MAX_FACTOR * threshold))[0, 0]
+    changed = (mean > threshold) | (peak > MAX_FACTOR * threshold)
+    if previous is not None:
+        new = F.avg_pool2d((current.float() - previous.float()).abs().mean(0, keepdim=True)[None] * unit, cell)
+        changed |= (mean > PERSIST_FACTOR * threshold) & (new < 0.5 * mean)
+    return changed[0, 0]
 
 
 def _check_family(model) -> None:
@@ -593,6 +602,7 @@ class _SparseCoder:
         self.refresh = refresh
         self.stats = SparseStats()
         self.reference: torch.Tensor | None = None  # (C, H, W) the input the cache was computed from
+        self.previous: torch.Tensor | None = None  # (C, H, W) the last frame's input (persistence)
         self.age = 0
 
     def _frame(self, raw: torch.Tensor, prepare) -> torch.Tensor:
@@ -601,7 +611,7 @@ class _SparseCoder:
         due = self.refresh is not None and self.age + 1 >= self.refresh
         changed, reads = None, []
         if self.threshold is not None and self.reference is not None and not due:
-            changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit)
+            changed = cell_change(raw, self.reference, self.cell, self.threshold, self.unit, self.previous)
             spread = _dilate(changed)
             reads = [changed.sum(), spread.sum(), _dilate(spread).sum()]
         last = net.readback  # the device path's counts of its last sparse frame
@@ -633,6 +643,8 @@ class _SparseCoder:
             self.stats.add(net.cells - count, net.cells)
             self.age += 1
         self.stats.add_flops(flops, net.dense_flops)
+        if self.threshold:
+            self.previous = raw.clone()
         return out.clone()  # the cache's buffer changes in place with the next frame
 
 

@@ -166,6 +166,24 @@ def test_cell_change_measure():
     assert cell_change(cur, ref, 8, 0.0, 1.0).all()  # exact: any difference
 
 
+def test_a_persistent_change_below_t_counts_and_noise_of_its_size_does_not():
+    """T = 4: a shift of 3 levels that stays (the previous frame has it too) is content; noise
+    that moves 3 levels from the reference and as much from the previous frame is not."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randint(0, 200, (3, 16, 32), generator=g).float()
+    shifted = ref.clone()
+    shifted[:, :, :16] += 3.0  # the left cells shift and stay
+    assert not cell_change(shifted, ref, 8, 4.0, 1.0).any()  # below T, no previous frame
+    assert not cell_change(shifted, ref, 8, 4.0, 1.0, previous=ref).any()  # new this frame: wait
+    persistent = cell_change(shifted, ref, 8, 4.0, 1.0, previous=shifted)
+    assert persistent[:, :2].all() and not persistent[:, 2:].any()
+
+    def noisy():  # +-3 levels at random: 3 from the reference, ~4 from the last noisy frame
+        return ref + 3.0 * (torch.randint(0, 2, ref.shape, generator=g).float() * 2 - 1)
+
+    assert not cell_change(noisy(), ref, 8, 4.0, 1.0, previous=noisy()).any()
+
+
 def test_unsupported_family_is_refused():
     from types import SimpleNamespace
     with pytest.raises(Unsupported, match="wan"):  # KL: codec.sparse_kl (tests/test_sparse_kl.py)
