@@ -560,15 +560,24 @@ def cell_change(current: torch.Tensor, reference: torch.Tensor, cell: int, thres
     if threshold == 0:
         diff = (current != reference).any(0, keepdim=True).float()
         return F.max_pool2d(diff[None], cell)[0, 0] > 0
-    d = (current.float() - reference.float()).abs().mean(0, keepdim=True)[None] * unit  # (1, 1, H, W)
+    d = _abs_change(current, reference, unit)
     mean = F.avg_pool2d(d, cell)
     window = F.avg_pool2d(d, 2) if cell > 1 else d
     peak = F.max_pool2d(window, max(1, cell // 2))
     changed = (mean > threshold) | (peak > MAX_FACTOR * threshold)
     if previous is not None:
-        new = F.avg_pool2d((current.float() - previous.float()).abs().mean(0, keepdim=True)[None] * unit, cell)
+        new = F.avg_pool2d(_abs_change(current, previous, unit), cell)
         changed |= (mean > PERSIST_FACTOR * threshold) & (new < 0.5 * mean)
     return changed[0, 0]
+
+
+def _abs_change(a: torch.Tensor, b: torch.Tensor, unit: float) -> torch.Tensor:
+    """(C, H, W) a, b -> (1, 1, H, W) fp32: |a - b| averaged over channels, times ``unit``.
+    uint8 frames subtract in int16 (one pass each way, no fp32 copies of the frames)."""
+    if a.dtype == torch.uint8 and b.dtype == torch.uint8 and a.shape[0] <= 128:  # C * 255 fits int16
+        d = (a.to(torch.int16) - b.to(torch.int16)).abs_().sum(0, keepdim=True, dtype=torch.int16)
+        return d[None].float() * (unit / a.shape[0])
+    return (a.float() - b.float()).abs().mean(0, keepdim=True)[None] * unit
 
 
 def _check_family(model) -> None:

@@ -164,6 +164,14 @@ def test_cell_change_measure():
     cur = ref + 0.9  # uniform noise-level change below T everywhere
     assert not cell_change(cur, ref, 8, 1.0, 1.0).any()
     assert cell_change(cur, ref, 8, 0.0, 1.0).all()  # exact: any difference
+    g = torch.Generator().manual_seed(0)  # uint8 frames (subtracted in int16) decide as their fp32 values
+    a, b, c = (torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8) for _ in range(3))
+    amp = torch.linspace(0, 12, 64)  # change grows from left to right: some cells under T, some over
+    b = (a + (torch.rand(a.shape, generator=g) * 2 - 1) * amp).round().clamp(0, 255).to(torch.uint8)
+    for t, prev in ((1.0, c), (2.0, c), (4.0, b), (4.0, a)):  # previous = b: b's change persists
+        got = cell_change(a, b, 8, t, 1.0, previous=prev)
+        assert 0 < got.sum() < got.numel()
+        assert torch.equal(got, cell_change(a.float(), b.float(), 8, t, 1.0, previous=prev.float()))
 
 
 def test_a_persistent_change_below_t_counts_and_noise_of_its_size_does_not():
