@@ -283,6 +283,7 @@ class _CellIndex:
         y, x = y.clamp(0, height - 1), x.clamp(0, width - 1)  # clamped = replicated edge
         # (cells, p, p): cell (r, c) -> flat pixel index of each patch position
         self.index = (y[:, None, :, None] * width + x[None, :, None, :]).reshape(rows * cols, p * p)
+        self.index_host = self.index.cpu().numpy()  # the host path picks rows in numpy (cheaper per call)
         valid = (valid_y[:, None, :, None] & valid_x[None, :, None, :]).reshape(rows * cols, p, p, 1)
         self.border = (~valid).flatten(1).any(1)  # cells whose patch reaches outside the frame
         self.border_host = self.border.cpu().numpy()
@@ -466,8 +467,14 @@ class SparseNetCache:
         Host path: ``host_cells`` the same cells in numpy, returns numpy. Device path:
         ``any_needed`` a bool tensor, False when the batch is only padding."""
         src, dst = self.buffers[st.src], self.buffers[st.dst]
-        ix = self.index(st.scale_in, st.halo)
-        patches = _flat(src).index_select(0, ix.index[cells].flatten()).view(cells.numel(), ix.p, ix.p, -1)
+        ix, ox = self.index(st.scale_in, st.halo), self.index(st.scale_out, 0)
+        if host_cells is not None:
+            in_ix = torch.from_numpy(ix.index_host[host_cells].ravel()).to(self.device)
+            out_rows = ox.index_host[host_cells]  # (B, s * s)
+            out_ix = torch.from_numpy(out_rows.ravel()).to(self.device)
+        else:
+            in_ix, out_ix = ix.index[cells].flatten(), ox.index[cells].flatten()
+        patches = _flat(src).index_select(0, in_ix).view(cells.numel(), ix.p, ix.p, -1)
         if st.zero_pad and any_needed is not None:  # the dense conv reads zeros outside the frame
             patches = patches * ix.valid[cells]  # (every patch: picking the border ones would wait)
         elif st.zero_pad:
@@ -476,7 +483,6 @@ class SparseNetCache:
                 edge = torch.from_numpy(edge).to(self.device)
                 patches[edge] = patches[edge] * ix.valid[cells[edge]]
         y = st.packed(patches)
-        out_ix = self.index(st.scale_out, 0).index[cells].flatten()
         if st.residual is not None:  # y is the step's own new tensor: add in place
             y = y.add_(_flat(self.buffers[st.residual]).index_select(0, out_ix).view_as(y))
         if st.relu:
@@ -490,8 +496,8 @@ class SparseNetCache:
             keep = keep.cpu().numpy()
             sel = np.flatnonzero(keep)
             if 0 < sel.size < keep.size:
-                rows = torch.from_numpy(sel).to(self.device)
-                y, out_ix = y[rows], out_ix.view(cells.numel(), -1)[rows].flatten()
+                y = y[torch.from_numpy(sel).to(self.device)]
+                out_ix = torch.from_numpy(out_rows[sel].ravel()).to(self.device)
             if sel.size:
                 _flat(dst).index_copy_(0, out_ix, y.reshape(-1, y.shape[-1]))
             mask = np.zeros(self.cells, dtype=bool)
