@@ -20,7 +20,8 @@ original                                        diffusers
 ==============================================  =====================================================
 
 Resamplers keep their inner names (``resample.1``, ``time_conv``). The original files carry no
-config: it is read from tensor shapes, and the latent statistics come from the matching preset.
+config: it is read from tensor shapes, and the latent statistics come from the matching preset
+(or ``--preset``, ``with_preset``). A diffusers folder may hold its weights under either names.
 """
 
 from __future__ import annotations
