@@ -541,20 +541,19 @@ def _check_family(model) -> None:
 def _net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None,
                sync_free: bool | None) -> SparseNetCache:
     """The cache of the model's encoder or decoder (rows x cols cells of ``scale`` px at its input).
-    Models with GroupNorm layers (KL, taef2) run the host decision path only (their statistics
-    check reads the host anyway): ``sync_free=True`` is refused for them."""
-    layers = model.decoder if decode else model.encoder
-    norms = model.family == "kl" or any(isinstance(m, Block) and m.pool is not None for m in layers)
-    if norms and sync_free:
-        raise ValueError(f"sync_free=True: the device decision path does not support GroupNorm layers "
-                         f"(their statistics check reads the host), got a {model.family} model with them")
+    The KL family's runs the host decision path only (its statistics check reads the host anyway):
+    ``sync_free=True`` is refused for it."""
     if model.family == "kl":
+        if sync_free:
+            raise ValueError("sync_free=True: the KL family's sparse cache runs the host decision path only")
         from .sparse_kl import kl_net_cache
         return kl_net_cache(model, decode, scale, rows, cols, threshold)
-    if norms:
+    layers = model.decoder if decode else model.encoder
+    sync_free = _sync_free(sync_free, model.device)
+    if any(isinstance(m, Block) and m.pool is not None for m in layers):  # taef2: GroupNorm blocks
         from .sparse_norm import NormNetCache
-        return NormNetCache(layers, scale, rows, cols, threshold, model.device)
-    return SparseNetCache(layers, scale, rows, cols, threshold, model.device, _sync_free(sync_free, model.device))
+        return NormNetCache(layers, scale, rows, cols, threshold, model.device, sync_free)
+    return SparseNetCache(layers, scale, rows, cols, threshold, model.device, sync_free)
 
 
 def _sync_free(choice: bool | None, device: torch.device) -> bool:

@@ -161,11 +161,13 @@ class NormNetCache(SparseNetCache):
     """``SparseNetCache`` whose GroupNorm steps (any step with a :class:`FrozenStats` ``stats``)
     keep the statistics of the last refresh while they stay within tolerance (see the module
     docstring). It owns the check's state: ``probes``, the input statistics of each GroupNorm at
-    the refresh; ``stat_refreshes``, dense passes forced by the statistics. Runs the host decision
-    path only (the check reads a value on the host after the sparse pass)."""
+    the refresh; ``stat_refreshes``, dense passes forced by the statistics. The check reads one
+    value on the host after each sparse pass: on the device path (``sync_free``) a second wait per
+    frame besides the counts."""
 
-    def __init__(self, layers, scale: int, rows: int, cols: int, threshold: float | None, device: torch.device):
-        super().__init__(layers, scale, rows, cols, threshold, device)
+    def __init__(self, layers, scale: int, rows: int, cols: int, threshold: float | None, device: torch.device,
+                 sync_free: bool = False):
+        super().__init__(layers, scale, rows, cols, threshold, device, sync_free)
         self.norms = [st for st in self.steps if isinstance(getattr(st, "stats", None), FrozenStats)]
         self.probes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per norm: _probe() at the refresh
         self.stat_refreshes = 0
@@ -181,20 +183,20 @@ class NormNetCache(SparseNetCache):
 
     def sparse(self, x: torch.Tensor, changed: torch.Tensor, capacity: list[int] | None = None
                ) -> tuple[torch.Tensor, int]:
-        if capacity is not None:
-            raise ValueError("a sparse cache with frozen GroupNorm statistics runs the host decision path only "
-                             f"(capacity must be None), got {len(capacity)} capacities")
         n = len(self.steps)
-        if not changed.any():  # the cache is the result for this input (a dense merged step included)
+        # nothing changed: the cache is the result for this input (a dense merged step included);
+        # the device path (capacity) does not read the mask and runs its deferred cells instead
+        if (capacity is None or self.threshold == 0) and not changed.any():
             self.counts, self.ran = [0] * n, [0] * n
             return self.buffers[-1], 0
         flops = 0
         if self.threshold > 0:
-            out, flops = super().sparse(x, changed)
+            out, flops = super().sparse(x, changed, capacity)
             if self.stats_moved() <= STAT_FACTOR * self.threshold / 255:
                 return out, flops
         self.stat_refreshes += 1  # frozen statistics no longer fit this frame
         self.counts, self.ran = [self.cells] * n, [self.cells] * n
+        self.readback = None  # the device path: no deferred cells are left, no counts to plan from
         out, dense = self.dense(x)
         return out, flops + dense
 

@@ -264,10 +264,36 @@ def test_output_stays_close_to_the_dense_model_over_a_clip():
     assert any(0 < c < dec.net.cells for c, st in zip(dec.net.counts, dec.net.steps) if getattr(st, "upsample", False))
 
 
-def test_device_decision_path_is_refused_for_groupnorm_models():
-    model = small()
+def test_device_path_matches_the_host_path_and_waits_twice_per_frame():
+    """sync_free=True (CUDA's decision path, run here on the CPU): the host path's output and
+    cells, one wait per frame for the counts as for the plain tiny model, and one more for the
+    statistics check. Its refresh by the statistics works there too."""
+    from test_sparse_cache import SyncCounter, blinking_object
+
+    model = small(tame=True)
+    frames = blinking_object(6, 96, 128)
+    host = SparseEncoderCache(model, 96, 128, "2", prepare=prepare(model), sync_free=False)
+    device = SparseEncoderCache(model, 96, 128, "2", prepare=prepare(model), sync_free=True)
+    za = host(frames)
+    zb = device(frames[:3])  # a dense frame, then sparse ones (the first measures the counts on the host)
+    with SyncCounter() as counter:
+        zb = torch.cat([zb, device(frames[3:])])
+    assert isinstance(device.net, NormNetCache) and device.net.sync_free and device.stats.deferred == 0
+    assert torch.allclose(za, zb, atol=1e-6)
+    assert all(0 < f < 1 for f in device.stats.flops_per_frame[1:])
+    assert counter.waits == ["_to_copy.default", "_local_scalar_dense.default"] * 3
+    # latents on 2 x 2 of 16 x 24 cells raised beyond the statistics' tolerance: refreshed
+    z = dense_encode(model, smooth_clip(1, 128, 192)).repeat(4, 1, 1, 1)
+    z[1:3, :, 6:8, 10:12] += 0.2  # frames 1 and 2 identical: frame 2 keeps every cached value
+    z[3, :, 6:8, 10:12] += 1.0
+    dec = SparseDecoderCache(model, 16, 24, "2", sync_free=True)
+    x = dec(z)
+    assert dec.net.stat_refreshes == 1 and torch.equal(x[2], x[1])
+    assert torch.allclose(x[3:], dense_decode(model, z[3:]), atol=1e-5, rtol=1e-4)
+
+
+def test_kl_models_refuse_the_device_path():
+    torch.manual_seed(0)
+    kl = build("sd15", block_out_channels=(8, 8, 16, 16), norm_num_groups=4, layers_per_block=1)
     with pytest.raises(ValueError, match="sync_free"):
-        SparseEncoderCache(model, 32, 48, "2", prepare=prepare(model), sync_free=True)
-    net = SparseDecoderCache(model, 4, 6, "2").net
-    with pytest.raises(ValueError, match="host decision path"):
-        net.sparse(torch.zeros(1, 4, 4, 6), torch.ones(4, 6, dtype=torch.bool), capacity=[16] * len(net.steps))
+        SparseEncoderCache(kl, 32, 48, "2", prepare=prepare(kl), sync_free=True)
