@@ -279,6 +279,9 @@ def bench_clip(frames: np.ndarray, model: Autoencoder, *, options: CoderOptions 
     Raises ValueError "outputs disagree: X dB" when the decoded frames of the two sides differ by
     more than ``min_psnr`` allows (unless ``verify`` is False).
     """
+    if not isinstance(model, Autoencoder):  # a Wan video VAE codes groups of frames through its causal caches
+        raise ValueError(f"codec bench times image VAEs, and the model {model.name} is a video VAE ({model.family} "
+                         "family): time it with codec encode and codec decode, which report per-frame latency")
     if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected frames (T, H, W, 3) uint8, got {getattr(frames, 'shape', type(frames))}")
     if len(frames) == 0 or warmup < 0 or chunk < 1:

@@ -70,7 +70,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") 
                    help=f"preset name, checkpoint file or folder (default: {what})")
     p.add_argument("--preset", default=None,
                    help="latent convention (scaling, shift) of a checkpoint whose config.json and file name do "
-                        "not tell, e.g. a KL single file: sd15, sdxl, sd3, flux1 (default: from config/name)")
+                        "not tell, e.g. a KL single file: sd15, sdxl, sd3, flux1; for a Wan VAE, wan2.1 or wan2.2 "
+                        "(its latent statistics) (default: from config/name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), metavar="{float32,float16,bfloat16}",
                    help="model precision (default: float16 on CUDA, float32 on the CPU)")

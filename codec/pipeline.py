@@ -115,7 +115,7 @@ def recorded_model(meta: dict[str, str], src, device, dtype) -> Autoencoder:
     if not digest or not model_id or model_id == IN_MEMORY:
         why = "a model that was not loaded from weights" if model_id == IN_MEMORY else "no model identity"
         raise ValueError(f"{src}: the file records {why} (model {model_id}); pass --model")
-    # A convention that came from a preset (a single-file KL named with --preset) needs it again.
+    # A convention that came from a preset (a single-file KL or Wan model named with --preset) needs it again.
     preset_name = name if name in PRESETS and all(
         meta.get(k) is not None and float(meta[k]) == getattr(PRESETS[name], k)
         for k in ("scaling_factor", "shift_factor")) else None
@@ -279,9 +279,11 @@ def roundtrip_video(src: str | os.PathLike, dst: str | os.PathLike, model: Autoe
     dst = _check_output(dst, src, model, VideoWriter.SUFFIXES)
     model = _model(model, device, dtype)
     _check_output(dst, src, model)  # the loaded model's own files (a preset resolves to a folder)
-    if isinstance(model, VideoAutoencoder):
-        raise ValueError(f"roundtrip does not support video VAEs ({model.name}) yet; "
-                         "run codec encode, then codec decode")
+    if isinstance(model, VideoAutoencoder):  # causal video VAE: the temporal coder
+        from .video_pipeline import roundtrip_clip
+
+        return roundtrip_clip(src, dst, model, options=options, start=start, end=end, stride=stride, batch=batch,
+                              crf=crf, preset=preset, lossless=lossless, allow_short=allow_short, quiet=quiet)
     reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
     info = reader.info
     encoder = FrameEncoder(model, info.height, info.width, options)

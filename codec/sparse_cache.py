@@ -31,9 +31,9 @@ Decisions: on the host path (the CPU's) each step reads its cell mask (numpy); o
 (``sync_free``, CUDA's) the host reads a few counts once per frame, and each step runs a batch of
 planned size on the device (see SparseNetCache).
 
-GroupNorm blocks (taef2's middle blocks, at the latent resolution) are recomputed densely every
-frame with the frame's own statistics and merged cell by cell. The KL family's steps (frozen
-GroupNorm statistics, attention, 1x1 and downsample convs) are in ``codec.sparse_kl``.
+GroupNorm layers (taef2's middle blocks, the KL family) run per cell with the statistics of the
+last refresh, checked every frame (``codec.sparse_norm``); the KL family's other steps (attention,
+downsample convs) are in ``codec.sparse_kl``.
 """
 
 from __future__ import annotations
@@ -166,23 +166,16 @@ class ConvStep:
 
 @dataclass
 class NormBlockStep:
-    """A residual block with a GroupNorm branch (taef2's middle blocks), recomputed densely on the
-    whole frame every frame: GroupNorm statistics span the frame, and these blocks sit at the
-    latent resolution (a small share of the FLOPs). Its output is merged cell by cell."""
+    """A step recomputed densely on the whole frame every frame and merged cell by cell
+    (:meth:`SparseNetCache._merge_dense`): the base of the KL mid-block attention
+    (``sparse_kl.AttentionStep``), which defines ``dense`` and ``flops_per_cell``."""
 
-    block: Block
+    block: nn.Module
     src: int
     dst: int
     scale_in: int
     scale_out: int
     residual = None
-
-    def flops_per_cell(self) -> int:
-        convs = [m for m in self.block.modules() if isinstance(m, nn.Conv2d)]
-        return 2 * sum(c.weight.numel() for c in convs) * self.scale_out ** 2
-
-    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
-        return self.block(x)
 
 
 def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[int]]:
@@ -221,10 +214,6 @@ def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[
         elif isinstance(m, nn.PixelUnshuffle) and isinstance(nxt, nn.Conv2d) and m.downscale_factor == 2:
             _check_conv(nxt)
             cur, scale, i = add(nxt, cur, scale, scale // 2, unshuffle=True), scale // 2, i + 2
-        elif isinstance(m, Block) and m.pool is not None:
-            steps.append(NormBlockStep(m, cur, len(channels), scale, scale))
-            channels.append(m.conv[0].out_channels)
-            cur, i = len(channels) - 1, i + 1
         elif isinstance(m, nn.Upsample) and isinstance(nxt, nn.Conv2d) and m.scale_factor == 2 and m.mode == "nearest":
             _check_conv(nxt)
             cur, scale, i = add(nxt, cur, scale, scale * 2, upsample=True), scale * 2, i + 2
@@ -235,6 +224,12 @@ def plan_steps(layers: nn.Sequential, scale: int) -> tuple[list[ConvStep], list[
             for c in (c0, c1, c2):
                 _check_conv(c)
             x = cur
+            if m.pool is not None:  # taef2: x + pool(x) per cell, GroupNorm statistics frozen
+                from .sparse_norm import pool_steps
+                pool, pool_channels = pool_steps(m.pool, x, len(channels), scale)
+                steps += pool
+                channels += pool_channels
+                x = len(channels) - 1
             a = add(c0, x, scale, scale, relu=True)
             b = add(c1, a, scale, scale, relu=True)
             cur = add(c2, b, scale, scale, residual=x, relu=True)
@@ -594,12 +589,19 @@ def _check_family(model) -> None:
 def _net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None,
                sync_free: bool | None) -> SparseNetCache:
     """The cache of the model's encoder or decoder (rows x cols cells of ``scale`` px at its input).
-    The KL family's runs the host decision path only (its statistics check reads the host anyway)."""
+    The KL family's runs the host decision path only (its statistics check reads the host anyway):
+    ``sync_free=True`` is refused for it."""
     if model.family == "kl":
+        if sync_free:
+            raise ValueError("sync_free=True: the KL family's sparse cache runs the host decision path only")
         from .sparse_kl import kl_net_cache
         return kl_net_cache(model, decode, scale, rows, cols, threshold)
     layers = model.decoder if decode else model.encoder
-    return SparseNetCache(layers, scale, rows, cols, threshold, model.device, _sync_free(sync_free, model.device))
+    sync_free = _sync_free(sync_free, model.device)
+    if any(isinstance(m, Block) and m.pool is not None for m in layers):  # taef2: GroupNorm blocks
+        from .sparse_norm import NormNetCache
+        return NormNetCache(layers, scale, rows, cols, threshold, model.device, sync_free)
+    return SparseNetCache(layers, scale, rows, cols, threshold, model.device, sync_free)
 
 
 def _sync_free(choice: bool | None, device: torch.device) -> bool:

@@ -4,34 +4,18 @@ A KL encoder or decoder is cut into the steps that ``SparseNetCache`` runs cell 
 
 - 3x3 convs (conv_in, ResNet convs, conv_out, upsample convs): ``sparse_cache.ConvStep``;
   a ResNet's ``conv2`` adds its skip (the input, or the 1x1 shortcut's output) as the residual;
-- GroupNorm(+SiLU) with FROZEN statistics (:class:`NormStep`): per cell an elementwise map
-  (a per-channel multiply-add from the (1, G) mean/rstd recorded at the last refresh, then the
-  activation), so it reads no halo; the dense pass of a refresh measures the statistics of the whole frame
-  (``kernels.group_norm_stats``) and records them; any other dense run of the step (the rest of a
-  frame whose change spread too far) applies the recorded ones, so dense and packed cells agree;
-- 1x1 convs (ResNet shortcut, post_quant_conv: :class:`PointwiseStep`), no halo;
+- GroupNorm(+SiLU) with FROZEN statistics and 1x1 convs (ResNet shortcut, post_quant_conv):
+  ``sparse_norm.NormStep`` and ``sparse_norm.PointwiseStep``, per cell with no halo;
 - the encoder's downsample (:class:`DownsampleStep`: right/bottom zero pad then a 3x3 stride-2
   conv): an output cell reads its input cell and one px beyond its right/bottom edge;
 - the mid-block attention (:class:`AttentionStep`): recomputed densely on the whole frame every
   frame (at the latent resolution: global, cheap next to the full-resolution convs), with its
-  GroupNorm's statistics frozen too, and merged cell by cell like taef2's GroupNorm blocks;
+  GroupNorm's statistics frozen too, and merged cell by cell (``SparseNetCache._merge_dense``);
 - the posterior mean (:class:`MeanStep`, what ``Autoencoder.encode`` returns): the first C
   outputs of quant_conv, or the first C channels of conv_out without quant convs.
 
-The frozen statistics stand while the statistics of every GroupNorm's input, as a sparse pass
-leaves it, stay within tolerance of those at the refresh: per group, the mean moved by at most
-``STAT_FACTOR * T / 255`` of the frozen standard deviation and the standard deviation by at most
-that fraction of itself (on every 4th pixel of the large buffers, the same pixels at the refresh
-and now, see ``KLNetCache._probe``). With ``STAT_FACTOR`` 4 this is about T levels of footage whose standard
-deviation is 64 levels: the rule the tile cache applies to replayed global-norm statistics
-(codec.coder), in each layer's own units. Checking only the network input does not bound the
-deeper layers: in a small random decoder, one latent px of 768 changed by 13 levels (the input's
-statistics within T = 4) moved the deep statistics enough for an output error of 0.57. Beyond the
-tolerance :class:`KLNetCache` refreshes: a dense pass that measures every GroupNorm again (the
-sparse pass that found it counts in the frame's FLOPs too). With tolerance 0 frozen statistics
-are exact only for an identical frame, so any change refreshes at once. A refresh of this kind
-keeps the coder's reference (the cache is the dense result for that input): the hit rate counts
-input cells taken from the reference, the FLOP fraction the work.
+The frozen statistics and their check (a refresh when a GroupNorm's input statistics move beyond
+tolerance) are ``codec.sparse_norm``'s, which taef2's GroupNorm blocks use too.
 
 FLOPs counted: convolutions and the attention's projections and matmuls (multiply-adds x 2);
 GroupNorm and additions are left out (a few per element against hundreds for a conv).
@@ -45,13 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-
 from .models.kl import Attention, Decoder, Downsample, Encoder, ResnetBlock, Upsample
 from .models.layers import GroupNormAct, frame_normalizer
-from .sparse_cache import ConvStep, NormBlockStep, SparseNetCache, Unsupported, _check_conv
-
-STAT_FACTOR = 4.0  # frozen GroupNorm statistics hold while they move by <= STAT_FACTOR * T/255 (see above)
+from .sparse_cache import ConvStep, NormBlockStep, Unsupported, _check_conv
+from .sparse_norm import CellStep, FrozenStats, NormNetCache, NormStep, PointwiseStep
 
 
 @dataclass(frozen=True)
@@ -64,96 +45,6 @@ class KLPath:
     quant: nn.Conv2d | None
     rows: int
     cols: int
-
-
-class FrozenStats:
-    """The GroupNorm statistics of one layer recorded at the last refresh: ``mean``, ``rstd``
-    (1, G) fp32, or None before the first refresh (the next dense run measures them).
-
-    With the statistics fixed, GroupNorm and its affine are one per-channel map x * a + b
-    (``a = rstd w``, ``b = bias - mean rstd w``, fp32 (C,)), applied as one multiply-add and the
-    activation: the same on every device and layout, where the CPU reference of
-    ``kernels.group_norm_apply`` regroups a channels_last tensor through copies.
-    """
-
-    def __init__(self, norm: GroupNormAct):
-        self.norm = norm
-        self.mean: torch.Tensor | None = None
-        self.rstd: torch.Tensor | None = None
-        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def clear(self) -> None:
-        self.mean = self.rstd = self._affine = None
-
-    def measure(self, x: torch.Tensor) -> None:
-        """Record the statistics of x (1, C, H, W): a whole frame."""
-        gn = self.norm
-        count, mean, m2 = kernels.group_norm_stats(x, gn.num_groups)
-        self.mean, self.rstd = mean, torch.rsqrt(m2 / count + gn.eps)
-        per_group = gn.num_channels // gn.num_groups
-        rstd, mean = self.rstd[0].repeat_interleave(per_group), mean[0].repeat_interleave(per_group)
-        a = rstd * gn.weight.float() if gn.weight is not None else rstd
-        b = (gn.bias.float() if gn.bias is not None else 0) - mean * a
-        self._affine = (a, b)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm (+ the layer's activation) of x (N, C, H, W) with the recorded statistics,
-        measured on x (N == 1: a whole frame) first when none are recorded. Same dtype and layout."""
-        if self._affine is None:
-            self.measure(x)
-        a, b = (t.to(x.dtype).view(1, -1, 1, 1) for t in self._affine)
-        y = torch.addcmul(b, x, a)
-        if self.norm.act == "silu":
-            return F.silu(y)
-        return F.relu(y) if self.norm.act == "relu" else y
-
-
-@dataclass
-class CellStep:
-    """What the steps below share: buffers ``src`` -> ``dst``, px per cell at both ends, no
-    residual or ReLU of their own; per cell with no halo unless a subclass says otherwise, so a
-    packed batch runs :meth:`dense` on its patches."""
-
-    src: int
-    dst: int
-    scale_in: int
-    scale_out: int
-    halo = 0
-    zero_pad = False
-    residual = None
-    relu = False
-
-    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
-        raise NotImplementedError
-
-    def packed(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.dense(patches.permute(0, 3, 1, 2), None).permute(0, 2, 3, 1)
-
-
-@dataclass
-class NormStep(CellStep):
-    """GroupNorm + activation with frozen statistics: elementwise per cell, no halo."""
-
-    stats: FrozenStats
-
-    def flops_per_cell(self) -> int:
-        return 0  # elementwise (see the module docstring)
-
-    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
-        return self.stats.apply(x)
-
-
-@dataclass
-class PointwiseStep(CellStep):
-    """A 1x1 conv (ResNet shortcut, post_quant_conv): per cell, no halo."""
-
-    conv: nn.Conv2d
-
-    def flops_per_cell(self) -> int:
-        return 2 * self.conv.weight.numel() * self.scale_out ** 2
-
-    def dense(self, x: torch.Tensor, res) -> torch.Tensor:
-        return self.conv(x)
 
 
 @dataclass
@@ -316,71 +207,18 @@ def plan_kl_steps(path: KLPath, scale: int) -> tuple[list, list[int]]:
     return p.steps, p.channels
 
 
-class KLNetCache(SparseNetCache):
-    """``SparseNetCache`` over a :class:`KLPath`, with the GroupNorm statistics frozen between
-    refreshes while they stay within tolerance (see the module docstring). ``stat_refreshes``:
-    dense passes forced by the statistics."""
+class KLNetCache(NormNetCache):
+    """``NormNetCache`` over a :class:`KLPath`: its GroupNorms and the attention's keep the
+    statistics of the last refresh while they stay within tolerance (``codec.sparse_norm``)."""
 
     def __init__(self, path: KLPath, scale: int, threshold: float | None, device: torch.device):
         super().__init__(path, scale, path.rows, path.cols, threshold, device)
-        self.norms = [st for st in self.steps if isinstance(st, (NormStep, AttentionStep))]
-        self.probes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per norm: _probe() at the refresh
-        self.stat_refreshes = 0
 
     def memory_bytes(self, element_size: int) -> int:
         """The cached activations, plus the attention matrix a dense pass may materialize on the
         CPU (tokens x tokens fp32, as ``tiling.activation_bytes`` counts it; CUDA's does not)."""
         attn = sum(4 * st.tokens ** 2 for st in self.steps if isinstance(st, AttentionStep))
         return super().memory_bytes(element_size) + (attn if self.device.type == "cpu" else 0)
-
-    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """A refresh: every GroupNorm measures the statistics of this frame and records them."""
-        for st in self.norms:
-            st.stats.clear()
-        out = super().dense(x)
-        if self.threshold:
-            self.probes = [self._probe(st) for st in self.norms]
-        return out
-
-    def sparse(self, x: torch.Tensor, changed: torch.Tensor, capacity: list[int] | None = None
-               ) -> tuple[torch.Tensor, int]:
-        if capacity is not None:
-            raise ValueError("the KL sparse cache runs the host decision path only (capacity must be None)")
-        n = len(self.steps)
-        if not changed.any():  # the cache is the result for this input (the attention included)
-            self.counts, self.ran = [0] * n, [0] * n
-            return self.buffers[-1], 0
-        flops = 0
-        if self.threshold > 0:
-            out, flops = super().sparse(x, changed)
-            if self.stats_moved() <= STAT_FACTOR * self.threshold / 255:
-                return out, flops
-        self.stat_refreshes += 1  # frozen statistics no longer fit this frame
-        self.counts, self.ran = [self.cells] * n, [self.cells] * n
-        out, dense = self.dense(x)
-        return out, flops + dense
-
-    def _probe(self, st) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) (1, G) fp32 of the GroupNorm input; on buffers of 4+ px per cell and at
-        least 2^16 px, of every 4th pixel in each direction (every cell sampled alike, 4096+
-        samples): compared between the same pixels at two times, a static region adds no
-        difference, and the large buffers are read at 1/16 (reading them whole cost about a third
-        of a dense pass on the CPU). Smaller buffers are read whole: few samples are noisy."""
-        x, norm = self.buffers[st.src], st.stats.norm
-        if st.scale_in >= 4 and x.shape[-2] * x.shape[-1] >= 1 << 16:
-            x = x[..., ::4, ::4]
-        count, mean, m2 = kernels.group_norm_stats(x, norm.num_groups)
-        return mean, (m2 / count + norm.eps).sqrt()
-
-    def stats_moved(self) -> float:
-        """The largest move of a GroupNorm's input statistics since the refresh, over every layer
-        and group, in units of the frozen statistics: |mean - mean0| / std0 and |std / std0 - 1|
-        (on the probed pixels, see :meth:`_probe`; one host sync)."""
-        moves = []
-        for st, (mean0, std0) in zip(self.norms, self.probes):
-            mean, std = self._probe(st)
-            moves.append(torch.maximum((mean - mean0).abs() * st.stats.rstd, (std / std0 - 1).abs()).max())
-        return torch.stack(moves).max().item()
 
 
 def kl_net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None) -> KLNetCache:

@@ -9,8 +9,10 @@ temporal factor, the frame rule, the end padding and the source frame count.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,18 @@ import torch
 from .coder import CoderOptions
 from .latents import LatentReader, LatentWriter
 from .models.video_autoencoder import VideoAutoencoder
-from .pipeline import OutputClock, RunReport, _finish, _frame_count, _pump, _recorded_rotation, check_fit, clip_metadata
-from .stages import now, progress
+from .pipeline import (
+    OutputClock,
+    RunReport,
+    _finish,
+    _frame_count,
+    _measure_quality,
+    _pump,
+    _recorded_rotation,
+    check_fit,
+    clip_metadata,
+)
+from .stages import BackgroundStage, now, progress
 from .video import FrameReader, VideoWriter
 from .video_coder import VideoDecoder, VideoEncoder
 
@@ -86,6 +98,7 @@ def encode_clip(src, dst: Path, model: VideoAutoencoder, *, options: CoderOption
         last = encoder.finish().to("cpu", latent_dtype)
         write((last, 0))
         writer.update_metadata({"pad_frames": encoder.pad_frames, "source_frames": report.frames})
+    report.missing_frames = reader.missing_frames
     return _finish(report, t0, encoder, model, norm=_NORM)
 
 
@@ -150,3 +163,65 @@ def _one_by_one(reader: LatentReader):
     for latents, pts in reader:
         for i in range(len(pts)):
             yield latents[i:i + 1], pts[i:i + 1]
+
+
+def roundtrip_clip(src, dst: Path, model: VideoAutoencoder, *, options: CoderOptions | None, start: int,
+                   end: int | None, stride: int, batch: int, crf: int, preset: str, lossless: bool,
+                   allow_short: bool, quiet: bool) -> tuple[RunReport, RunReport]:
+    """Encode and decode frames ``start:end:stride`` of ``src`` in one stream (as
+    :func:`codec.pipeline.roundtrip_video` does for image VAEs): each latent frame is decoded as it
+    completes, its frames are written to ``dst`` and compared with the source frames they stand
+    for (PSNR/SSIM per frame, in the decode report); the end padding is dropped. Latencies are the
+    model thread's encode and decode time of the batch that completed a frame."""
+    reader = FrameReader(src, start=start, end=end, stride=stride, batch=batch, allow_short=allow_short)
+    info = reader.info
+    encoder = VideoEncoder(model, info.height, info.width, options)
+    decoder = VideoDecoder(model, info.height, info.width, options)
+    enc, dec = RunReport(), RunReport()
+    bar = progress(_frame_count(info.num_frames, start, end, stride), "roundtrip", quiet)
+    clock = OutputClock(Fraction(info.fps) / stride, info.time_base)
+    metrics = BackgroundStage(lambda pair: _measure_quality(dec, *pair), size=4, name="quality")
+    waiting: deque[tuple[np.ndarray, int]] = deque()  # source frames (and pts) not decoded yet
+    t0 = now()
+    with reader, VideoWriter(dst, info.width, info.height, clock.fps, crf=crf, preset=preset,
+                             lossless=lossless, time_base=clock.time_base, rotation=info.rotation) as out:
+
+        def write(item):
+            frames, source, pts = item
+            if len(frames):
+                out.write(frames, clock(pts))
+                metrics.put((frames, source))
+                bar.update(len(frames))
+
+        def work(fb):
+            t_in = now()
+            if fb is None:  # the clip's end: padded to 1 + 4k frames, the last latents
+                latents = encoder.finish()
+            else:
+                waiting.extend(zip(fb.frames, fb.pts.reshape(-1).tolist()))
+                latents = encoder(fb.frames)
+                enc.frames += len(fb)
+            t_mid = now()
+            frames = decoder(latents).cpu().numpy() if len(latents) else np.zeros((0, info.height, info.width, 3),
+                                                                                   np.uint8)
+            frames = frames[:len(waiting)]  # the end padding decodes to frames no source frame stands for
+            t_out = now()
+            done = [waiting.popleft() for _ in range(len(frames))]
+            enc.latency_ms.extend([(t_mid - t_in) * 1000] * len(frames))
+            dec.latency_ms.extend([(t_out - t_mid) * 1000] * len(frames))
+            dec.frames += len(frames)
+            source = np.stack([f for f, _ in done]) if done else frames
+            return frames, source, np.asarray([p for _, p in done], dtype=np.int64)
+
+        try:
+            _pump(itertools.chain(reader, [None]), work, write, "video-writer", bar)
+            metrics.close()
+        except BaseException:
+            metrics.abort()
+            raise
+        if enc.frames == 0:
+            raise ValueError(f"{src}: no frames selected (start={start}, end={end}, stride={stride})")
+    enc.missing_frames = dec.missing_frames = reader.missing_frames
+    _finish(enc, t0, encoder, model, norm=_NORM)
+    _finish(dec, t0, decoder, model, norm=_NORM)
+    return enc, dec

@@ -11,7 +11,8 @@ import kernels
 from codec.models import build
 from codec.models.kl import Attention, ResnetBlock
 from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
-from codec.sparse_kl import STAT_FACTOR, AttentionStep, KLNetCache
+from codec.sparse_kl import AttentionStep, KLNetCache
+from codec.sparse_norm import STAT_FACTOR
 
 
 def small(name="sd15", seed=0, tame=False):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import av
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from codec.cli import main as codec_main
 from codec.models import Autoencoder, build, load_model, save_model, weights_digest
-from codec.models.config import KLConfig, TinyConfig
+from codec.models.config import KLConfig, TinyConfig, WanConfig
 from codec.train import TrainConfig, Trainer
 from codec.train.__main__ import main as train_main
 from codec.train.data import FrameBank, find_sources, jitter_colors, read_clip
@@ -160,6 +161,28 @@ def test_resume_from_damaged_checkpoints_is_one_line(data_dir, tmp_path, capsys)
         code = codec_main(["train", str(data_dir), "--out", str(tmp_path / "r.safetensors"), "--resume", str(path)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and needle in err and str(path) in err and len(err.splitlines()) == 1, err
+
+
+def test_wan_models_are_refused_up_front(data_dir, tmp_path, capsys):
+    """The trainer trains image autoencoders: a Wan checkpoint (--resume) or model (--init) is one
+    line and exit 2 before any data is read, never a traceback."""
+    cfg = _cfg(data_dir, tmp_path, steps=1)
+    good = torch.load(Trainer(cfg).save_checkpoint(tmp_path / "good.ckpt"), weights_only=True)
+    wan = build(WanConfig(name="wan-test", base_dim=8, latent_channels=4, num_res_blocks=1))
+    bad = tmp_path / "wan.ckpt"
+    torch.save(good | {"model_config": json.dumps(asdict(wan.config)), "model": wan.state_dict(),
+                       "ema": wan.state_dict()}, bad)
+    init = save_model(wan, tmp_path / "wan.safetensors", dtype=torch.float32)
+    out = str(tmp_path / "r.safetensors")
+    for extra, where in ((["--resume", str(bad)], bad), (["--init", str(init), "--decoder-only"], init)):
+        code = codec_main(["train", str(data_dir), "--out", out, *extra])
+        cap = capsys.readouterr()
+        err = cap.err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{where}: a Wan video VAE (wan-test)" in err and "image autoencoders" in err
+        assert "data:" not in cap.out and not (tmp_path / "r.safetensors").exists()
+    with pytest.raises(ValueError, match="a Wan video VAE"):
+        Trainer(cfg, resume=bad)
 
 
 def test_outputs_checked_before_training(data_dir, tmp_path, capsys):

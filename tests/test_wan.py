@@ -296,3 +296,74 @@ def test_float16_overflow_is_an_error_not_garbage():
         model.encoder.conv_out.weight.fill_(1e4)
     with pytest.raises(ValueError, match="non-finite values in float16"):
         model.encode(clip(1))
+
+
+# ---- --preset, and original names in a diffusers folder ----------------------------------------------
+
+def test_preset_gives_the_statistics_when_it_fits(tmp_path):
+    """A file without statistics takes the preset's (encode normalizes with them); a config that
+    states the same ones keeps them under the preset's name."""
+    torch.manual_seed(0)  # the small 2.1 shape with wan2.1's 16 channels; diffusers' default statistics are 2.1's
+    ref = diffusers.AutoencoderKLWan(**{**SMALL["2.1"], "z_dim": 16}).eval()
+    path = tmp_path / "small_vae.pth"
+    torch.save(to_original(ref.state_dict(), 1, False), path)
+    plain = load_model(path)
+    assert plain.name == "wan" and plain.config.latents_mean is None
+    named = load_model(path, preset_name="wan2.1")
+    assert named.name == "wan2.1" and named.config.latents_mean == PRESETS["wan2.1"].latents_mean
+    x = clip(5)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (PRESETS["wan2.1"].latents_mean,
+                                                                  PRESETS["wan2.1"].latents_std))
+    assert rel(named.encode(x), (plain.encode(x) - mean) / std) < 1e-6
+    ref.save_pretrained(tmp_path / "folder")
+    assert load_model(tmp_path / "folder", preset_name="wan2.1").name == "wan2.1"
+
+
+@pytest.mark.parametrize("preset_name, match", [
+    ("wan2.2", r"preset wan2.2 is a 48-channel Wan VAE \(4x temporal, 16x16 spatial\); the weights are a "
+               r"4-channel Wan VAE \(4x temporal, 8x8 spatial\)"),
+    ("wan2.1", "preset wan2.1 is a 16-channel Wan VAE"),
+    ("sd15", "preset sd15 is a 4-channel kl image autoencoder; the weights are a 4-channel Wan VAE")])
+def test_preset_that_contradicts_the_weights_is_refused(tmp_path, preset_name, match):
+    path = tmp_path / "vae.pth"
+    torch.save(to_original(reference("2.1").state_dict(), 1, False), path)
+    reference("2.1").save_pretrained(tmp_path / "folder")
+    from codec.models import save_model
+
+    own = save_model(small_model("2.1"), tmp_path / "own.safetensors", dtype=torch.float32)
+    for source in (path, tmp_path / "folder", own):  # single file, diffusers folder, our own file
+        with pytest.raises(ValueError, match=match):
+            load_model(source, preset_name=preset_name)
+
+
+def test_preset_must_fit_the_temporal_factor_and_stated_statistics(tmp_path):
+    from codec.models import save_model
+
+    two_x = VideoAutoencoder(WanConfig(base_dim=8, latent_channels=16, num_res_blocks=1,
+                                       temperal_downsample=(False, False, True))).eval()
+    path = save_model(two_x, tmp_path / "two_x.safetensors", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"16-channel Wan VAE \(2x temporal, 8x8 spatial\)"):
+        load_model(path, preset_name="wan2.1")
+    torch.manual_seed(0)
+    other = diffusers.AutoencoderKLWan(**{**SMALL["2.1"], "z_dim": 16}, latents_std=[2.0] * 16)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"wan2.1 has latents_std\[0\] = 2.8184, the model's config states 2.0"):
+        load_model(tmp_path / "other", preset_name="wan2.1")
+    assert load_model(tmp_path / "other").config.latents_std == (2.0,) * 16  # without --preset: the config
+
+
+def test_diffusers_folder_with_original_names_loads(pair, version, tmp_path):
+    """A diffusers config beside weights under the original Wan names: renamed, the same model."""
+    from safetensors.torch import save_file
+
+    ref, ours = pair
+    folder = tmp_path / "vae"
+    original = to_original(ref.state_dict(), SMALL[version]["num_res_blocks"], version == "2.2")
+    save_file({k: v.contiguous() for k, v in original.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    loaded = load_model(folder)
+    assert loaded.config == ours.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+    original.pop("decoder.middle.1.proj.bias")  # still strict after the renaming
+    save_file({k: v.contiguous() for k, v in original.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_model(folder)

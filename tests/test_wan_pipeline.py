@@ -19,7 +19,8 @@ from codec.coder import CoderOptions
 from codec.latents import LatentReader, LatentWriter
 from codec.models.config import WanConfig
 from codec.models.video_autoencoder import VideoAutoencoder
-from codec.pipeline import decode_video, encode_video
+from codec.pipeline import decode_video, encode_video, roundtrip_video
+from codec.quality import psnr
 from codec.video import FrameReader, VideoWriter, probe_video
 from codec.video_coder import VideoDecoder, VideoEncoder
 
@@ -163,4 +164,82 @@ def test_command_on_a_real_clip(shared_data, wan_folder, tmp_path, capsys):
     assert main(["info", str(lat)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["frames"] == 5 and shown["pad_frames"] == 0 and "latents_std" in shown  # typed JSON
-    assert main(["roundtrip", str(src), "-o", str(tmp_path / "rt.mp4"), "--model", str(wan_folder)]) == 2
+    rt = tmp_path / "rt.mp4"
+    assert main(["roundtrip", str(src), "-o", str(rt), "--model", str(wan_folder), "--end", "1", "--quiet"]) == 0
+    assert "quality: mean PSNR" in capsys.readouterr().out and probe_video(rt).num_frames == 1
+
+
+def test_roundtrip_is_encode_then_decode_with_quality_per_frame(wan_folder, tmp_path, capsys):
+    """The streamed round trip writes the frames that encode + decode give (float32 latents, lossless
+    video), and reports each one's PSNR against its own source frame; the end padding is dropped."""
+    frames = moving_square_frames(7, 34, 50)  # 7 frames: padded to 9; batches of 3 straddle the groups of 4
+    clip = write_clip(tmp_path / "clip.mp4", frames, fps=Fraction(24))
+    lat, via_file, rt = tmp_path / "clip.safetensors", tmp_path / "via_file.mp4", tmp_path / "rt.mp4"
+    encode_video(clip, lat, str(wan_folder), batch=3, latent_dtype=torch.float32)
+    decode_video(lat, via_file, lossless=True)
+    enc, dec = roundtrip_video(clip, rt, str(wan_folder), batch=3, lossless=True)
+    expected = np.concatenate([b.frames for b in FrameReader(via_file, batch=64)])
+    got = np.concatenate([b.frames for b in FrameReader(rt, batch=64)])
+    source = np.concatenate([b.frames for b in FrameReader(clip, batch=64)])
+    assert got.shape == (7, 34, 50, 3) and np.array_equal(got, expected)
+    assert enc.frames == dec.frames == 7 and len(dec.latency_ms) == len(enc.latency_ms) == 7
+    assert np.allclose(dec.psnr, psnr(got, source)) and len(set(dec.psnr)) > 1 and len(dec.ssim) == 7
+    assert [p for p in psnr(got, np.roll(source, 1, axis=0))] != dec.psnr  # each against its own frame
+    assert probe_video(rt).fps == 24 and dec.norm == "none (RMS norm)"
+    report = tmp_path / "r.json"
+    assert main(["roundtrip", str(clip), "-o", str(tmp_path / "cli.mp4"), "--model", str(wan_folder),
+                 "--report", str(report), "--quiet"]) == 0
+    assert "quality: mean PSNR" in capsys.readouterr().out
+    assert json.loads(report.read_text())["psnr"] == dec.psnr  # other batches, the same frames
+
+
+def test_bench_refuses_a_video_vae_in_one_line(wan_folder, tmp_path, capsys):
+    clip = write_clip(tmp_path / "clip.mp4", moving_square_frames(5, 32, 32), fps=Fraction(24))
+    assert main(["bench", str(clip), "--model", str(wan_folder), "--baseline", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "codec bench times image VAEs" in err and "video VAE" in err, err
+
+
+def test_preset_on_the_command_line(tmp_path, capsys):
+    """--preset gives a model file without statistics its preset's; decoding the latents needs no --model
+    (the preset is recorded as the model's name); a preset that contradicts the weights is one line, no output."""
+    from codec.models import save_model
+
+    weights = save_model(wan_model(latent_channels=16), tmp_path / "small_vae.safetensors", dtype=torch.float32)
+    clip = write_clip(tmp_path / "clip.mp4", moving_square_frames(5, 32, 32), fps=Fraction(24))
+    lat, out = tmp_path / "clip.safetensors", tmp_path / "out.mp4"
+    bad = ["encode", str(clip), "-o", str(lat), "--model", str(weights), "--quiet", "--preset", "wan2.2"]
+    assert main(bad) == 2 and not lat.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preset wan2.2 is a 48-channel" in err and "16-channel" in err, err
+    assert main([*bad[:-1], "wan2.1"]) == 0
+    with LatentReader(lat) as r:
+        assert r.metadata["model_name"] == "wan2.1"
+        assert json.loads(r.metadata["latents_std"])[:2] == [2.8184, 1.4541]
+    assert main(["decode", str(lat), "-o", str(out), "--quiet"]) == 0 and probe_video(out).num_frames == 5
+
+
+def test_short_source_is_counted(tmp_path):
+    """A clip cut short of its container's count: --allow-short keeps its frames and reports the missing ones."""
+    import av
+
+    full = tmp_path / "full.mp4"
+    with av.open(str(full), "w", options={"movflags": "+faststart"}) as c:  # the index first: it survives the cut
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt, s.options = 32, 32, "yuv420p", {"preset": "ultrafast"}
+        for i, image in enumerate(moving_square_frames(12, 32, 32)):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    with av.open(str(full)) as c:
+        cut_at = [p for p in c.demux(c.streams.video[0]) if p.size][6].pos
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[:cut_at])
+    model = wan_model(latent_channels=4)
+    with pytest.warns(UserWarning, match="ends early"):
+        rep = encode_video(cut, tmp_path / "lat.safetensors", model, allow_short=True)
+    assert rep.frames + rep.missing_frames == 12 and rep.missing_frames > 0
+    with pytest.warns(UserWarning, match="ends early"):
+        enc, dec = roundtrip_video(cut, tmp_path / "rt.mp4", model, allow_short=True)
+    assert dec.frames == rep.frames and enc.missing_frames == dec.missing_frames == rep.missing_frames

@@ -40,6 +40,8 @@ from .video_autoencoder import VideoAutoencoder
 from .wan_layouts import diffusers_config as wan_diffusers_config
 from .wan_layouts import original_to_diffusers as wan_original_to_diffusers
 from .wan_layouts import shape_config as wan_shape_config
+from .wan_layouts import wan_layout
+from .wan_layouts import with_preset as wan_with_preset
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODEL = "default"
@@ -84,7 +86,9 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     by ``codec train``, or a hub repo id present in the local cache. ``preset_name`` names the
     latent convention where neither a config nor the file name tells (SD3 and FLUX.1 share an
     architecture; SD 1.x and SDXL too); a name hint counts only as whole tokens of the file stem
-    (or folder name) that equal a preset name or an alias (``config.PRESET_ALIASES``).
+    (or folder name) that equal a preset name or an alias (``config.PRESET_ALIASES``). For a Wan
+    video VAE it gives the latent statistics and must fit the weights' latent channels, temporal
+    and spatial factors, and any statistics its config states (``wan_layouts.with_preset``).
 
     The model records ``model_id``, the portable identity that loads it again from any working
     directory (``default``, the preset name, a hub repo id, or the absolute path), and
@@ -150,7 +154,9 @@ def _load_path(path: Path, preset_name: str | None) -> Autoencoder:
             raise ValueError(f"{where}: not JSON ({e})") from None
         cfg = config_from_dict(data, where)
         _fit(cfg, state, path)
-        if preset_name:  # it must agree with the file's own convention
+        if preset_name and isinstance(cfg, WanConfig):
+            cfg = wan_with_preset(cfg, preset_name, path)
+        elif preset_name:  # it must agree with the file's own convention
             cfg = _with_convention(cfg, path, path, preset_name, asdict(cfg))
         return _finish(cfg, state, path)
     if any(k.startswith(LDM_PREFIX) for k in state):
@@ -176,8 +182,10 @@ def _load_folder(folder: Path, preset_name: str | None) -> Autoencoder:
         if isinstance(cfg_json, dict) and cfg_json.get("_class_name") == "AutoencoderKLWan":
             # The folder is the model's identity: its config.json holds the latent statistics.
             cfg, state = wan_diffusers_config(cfg_json, config_file), read_state_dict(weights)[0]
+            if wan_layout(state) == "wan-original":  # the same tensors under the original names
+                state = wan_original_to_diffusers(state)
             _fit(cfg, state, folder)
-            return _finish(cfg, state, folder)
+            return _finish(wan_with_preset(cfg, preset_name, folder) if preset_name else cfg, state, folder)
         family, declared = diffusers_config(cfg_json, str(config_file))
         state, _ = read_state_dict(weights)
         try:
@@ -229,7 +237,7 @@ def _from_layout(state: dict, layout: str, path: Path, preset_name: str | None, 
             state = wan_original_to_diffusers(state)
         cfg = wan_shape_config(state, path)
         _fit(cfg, state, path)
-        return _finish(cfg, state, path)
+        return _finish(wan_with_preset(cfg, preset_name, path) if preset_name else cfg, state, path)
     if layout.startswith("kl"):
         if layout == "kl-ldm":
             state = ldm_to_diffusers(state)

@@ -20,7 +20,8 @@ original                                        diffusers
 ==============================================  =====================================================
 
 Resamplers keep their inner names (``resample.1``, ``time_conv``). The original files carry no
-config: it is read from tensor shapes, and the latent statistics come from the matching preset.
+config: it is read from tensor shapes, and the latent statistics come from the matching preset
+(or ``--preset``, ``with_preset``). A diffusers folder may hold its weights under either names.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, WanConfig, checked_fields
+from .config import PRESETS, WanConfig, checked_fields, preset
 
 _RESNET = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
            "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
@@ -178,3 +179,32 @@ def diffusers_config(cfg_json: dict, path: Path) -> WanConfig:
     # A released architecture with its statistics keeps its name.
     p = _with_preset(replace(cfg, latents_mean=None, latents_std=None))
     return p if (p.latents_mean, p.latents_std) == (cfg.latents_mean, cfg.latents_std) else cfg
+
+
+def _latent_layout(cfg: WanConfig) -> str:
+    return (f"{cfg.latent_channels}-channel Wan VAE ({cfg.temporal_factor}x temporal, "
+            f"{cfg.downscale}x{cfg.downscale} spatial)")
+
+
+def with_preset(cfg: WanConfig, name: str, where) -> WanConfig:
+    """``cfg`` with the name and latent statistics of the Wan preset ``name`` (``--preset``).
+
+    The preset must fit the weights' latent layout: latent channels, temporal and spatial factors
+    (the widths may differ, e.g. a pruned VAE of the same latent space). Statistics the config
+    already states (config.json, our own metadata, or a released architecture's) must be the
+    preset's. Raises ValueError naming ``where``, the preset and the weights otherwise.
+    """
+    p = preset(name)
+    if not isinstance(p, WanConfig):
+        raise ValueError(f"{where}: preset {p.name} is a {p.latent_channels}-channel {p.family} image autoencoder; "
+                         f"the weights are a {_latent_layout(cfg)}")
+    if (p.latent_channels, p.temporal_factor, p.downscale) != (cfg.latent_channels, cfg.temporal_factor,
+                                                                cfg.downscale):
+        raise ValueError(f"{where}: preset {p.name} is a {_latent_layout(p)}; the weights are a {_latent_layout(cfg)}")
+    for what in ("latents_mean", "latents_std"):
+        stated, wanted = getattr(cfg, what), getattr(p, what)
+        if stated is not None and stated != wanted:
+            i = next(i for i, (a, b) in enumerate(zip(stated, wanted)) if a != b)
+            raise ValueError(f"{where}: preset {p.name} has {what}[{i}] = {wanted[i]}, the model's config states "
+                             f"{stated[i]}; leave out --preset (the config decides) or fix the config")
+    return replace(cfg, name=p.name, latents_mean=p.latents_mean, latents_std=p.latents_std)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from codec.models import Autoencoder, TinyConfig, build, config_from_dict, load_model, save_model
+from codec.models import Autoencoder, TinyConfig, WanConfig, build, config_from_dict, load_model, save_model
+from codec.models.config import ModelConfig
 
 from .data import FrameBank, find_sources
 from .losses import PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
@@ -117,6 +118,10 @@ class Trainer:
                           checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every,
                           log_every=cfg.log_every)
         self.cfg, self.log = cfg, log
+        init = None
+        if cfg.init and ckpt is None:  # loaded before the data, so a model it cannot train is refused at once
+            init = load_model(cfg.init)
+            check_trainable(init.config, cfg.init)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
@@ -127,7 +132,7 @@ class Trainer:
         self.bank = FrameBank(self.files, cfg.crop, cfg.frames_per_clip, cfg.color_aug)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-        self.model = self._build_model(ckpt, resume).to(self.device)
+        self.model = self._build_model(ckpt, resume, init).to(self.device)
         if cfg.decoder_only:
             self.model.requires_grad_(False)
             for m in decoder_modules(self.model):
@@ -156,7 +161,8 @@ class Trainer:
             self._load_state(ckpt)
 
     # ---- setup ---------------------------------------------------------------------------
-    def _build_model(self, ckpt: dict | None, resume: str | os.PathLike | None) -> Autoencoder:
+    def _build_model(self, ckpt: dict | None, resume: str | os.PathLike | None,
+                     init: Autoencoder | None) -> Autoencoder:
         cfg = self.cfg
         if ckpt is not None:
             model = Autoencoder(ckpt["model_config"])
@@ -165,8 +171,8 @@ class Trainer:
             except RuntimeError as e:
                 raise ValueError(f"{resume}: its model weights do not fit its model_config "
                                  f"({str(e).splitlines()[0][:200]})") from None
-        elif cfg.init:
-            model = load_model(cfg.init)
+        elif init is not None:
+            model = init
             # Training changes the weights: the loaded identity and hash no longer name them.
             model.model_id = model.weights_sha256 = None
         else:
@@ -379,8 +385,17 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     ckpt["config"] = _train_config(_json_object(ckpt["config"], f"{path}: config"), f"{path}: config")
     ckpt["model_config"] = config_from_dict(_json_object(ckpt["model_config"], f"{path}: model_config"),
                                             f"{path}: model_config")
+    check_trainable(ckpt["model_config"], path)
     ckpt["history"] = _json_object(ckpt["history"], f"{path}: history")
     return ckpt
+
+
+def check_trainable(cfg: ModelConfig, where) -> None:
+    """Refuse (ValueError naming ``where``) a model the trainer cannot train: it trains image
+    autoencoders on 2D crops; the Wan video VAEs code clips of 1 + 4k frames with causal 3D convolutions."""
+    if isinstance(cfg, WanConfig):
+        raise ValueError(f"{where}: a Wan video VAE ({cfg.name}); codec train trains image autoencoders "
+                         "(tiny and kl families) only, not video VAEs")
 
 
 def _json_object(text: str, where: str) -> dict:
