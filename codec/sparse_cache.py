@@ -55,8 +55,11 @@ from .models.tiny import Block, Clamp
 CELL = 8  # px per cell at the model's full resolution (one latent cell)
 MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
 PERSIST_FACTOR = 0.5  # a change that persists counts from PERSIST_FACTOR * T (see cell_change)
-CUT_FRACTION = 0.3  # more cells than this to recompute at the first conv: scene cut, dense refresh
-DENSE_FRACTION = 0.3  # a conv recomputing more cells than this runs densely (gather/scatter cost more per cell)
+# Past half the cells, a packed pass costs about what the dense one does on the CPU (measured on
+# 480x272 crops, default model: squirrel T=4 0.85x of off at 0.3, 0.87x at 0.5, with FLOPs 0.81
+# -> 0.49; taef2's decoder on smpte 1.00 -> 0.45 of the FLOPs, 1.01x -> 0.76x of off's time)
+CUT_FRACTION = 0.5  # more cells than this to recompute at the first conv: scene cut, dense refresh
+DENSE_FRACTION = 0.5  # a conv recomputing more cells than this runs densely, and the rest of the network
 ACT_FACTOR = 0.25  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
 HEADROOM = 1.25  # device path: batch capacity over the cells expected (see SparseNetCache.plan)
 HISTORY = 4  # device path: frames of counts the capacity covers (a moving object's cells vary)

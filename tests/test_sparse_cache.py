@@ -377,3 +377,26 @@ def test_each_packed_conv_form_equals_its_dense_layer(layers, scale):
         ref = net(x2)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     assert 0 < flops < cache.dense_flops
+
+
+def test_a_step_past_dense_fraction_runs_the_rest_of_the_network_densely():
+    """8 of 24 cell columns change: 10 with the halo, under CUT_FRACTION, so the first convs run
+    packed; the halo grows by a column each side per conv until a step would recompute more than
+    DENSE_FRACTION (14 columns): from that step on the network runs densely, and the result is the
+    dense model's."""
+    from codec.sparse_cache import CUT_FRACTION, DENSE_FRACTION
+    model = small(linear=True)  # every change reaches its halo
+    h, w = 32, 192  # 4 x 24 cells
+    frames = static_clip(2, h, w)
+    frames[1, :, 64:128] = 255 - frames[1, :, 64:128]  # columns 8..15 of 24 change
+    enc = SparseEncoderCache(model, h, w, "exact", prepare=prepare(model))
+    z = enc(frames)
+    net = enc.net
+    assert 10 / 24 <= CUT_FRACTION and 12 / 24 <= DENSE_FRACTION < 14 / 24
+    dense = [c == net.cells for c in net.counts]
+    first = dense.index(True)
+    assert 0 < first and all(dense[first:])  # packed first, dense from there to the end
+    assert net.counts[first - 1] == 4 * 12
+    assert net.counts[0] == 4 * 10
+    assert torch.allclose(z, dense_encode(model, frames), atol=1e-5)
+    assert 0 < enc.stats.flops_per_frame[1] < 1
