@@ -591,16 +591,12 @@ def _check_family(model) -> None:
 
 def _net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None,
                sync_free: bool | None) -> SparseNetCache:
-    """The cache of the model's encoder or decoder (rows x cols cells of ``scale`` px at its input).
-    The KL family's runs the host decision path only (its statistics check reads the host anyway):
-    ``sync_free=True`` is refused for it."""
-    if model.family == "kl":
-        if sync_free:
-            raise ValueError("sync_free=True: the KL family's sparse cache runs the host decision path only")
-        from .sparse_kl import kl_net_cache
-        return kl_net_cache(model, decode, scale, rows, cols, threshold)
-    layers = model.decoder if decode else model.encoder
+    """The cache of the model's encoder or decoder (rows x cols cells of ``scale`` px at its input)."""
     sync_free = _sync_free(sync_free, model.device)
+    if model.family == "kl":
+        from .sparse_kl import kl_net_cache
+        return kl_net_cache(model, decode, scale, rows, cols, threshold, sync_free)
+    layers = model.decoder if decode else model.encoder
     if any(isinstance(m, Block) and m.pool is not None for m in layers):  # taef2: GroupNorm blocks
         from .sparse_norm import NormNetCache
         return NormNetCache(layers, scale, rows, cols, threshold, model.device, sync_free)

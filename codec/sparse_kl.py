@@ -211,8 +211,9 @@ class KLNetCache(NormNetCache):
     """``NormNetCache`` over a :class:`KLPath`: its GroupNorms and the attention's keep the
     statistics of the last refresh while they stay within tolerance (``codec.sparse_norm``)."""
 
-    def __init__(self, path: KLPath, scale: int, threshold: float | None, device: torch.device):
-        super().__init__(path, scale, path.rows, path.cols, threshold, device)
+    def __init__(self, path: KLPath, scale: int, threshold: float | None, device: torch.device,
+                 sync_free: bool = False):
+        super().__init__(path, scale, path.rows, path.cols, threshold, device, sync_free)
 
     def memory_bytes(self, element_size: int) -> int:
         """The cached activations, plus the attention matrix a dense pass may materialize on the
@@ -221,10 +222,12 @@ class KLNetCache(NormNetCache):
         return super().memory_bytes(element_size) + (attn if self.device.type == "cpu" else 0)
 
 
-def kl_net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None) -> KLNetCache:
+def kl_net_cache(model, decode: bool, scale: int, rows: int, cols: int, threshold: float | None,
+                 sync_free: bool = False) -> KLNetCache:
     """The cache of one direction of a KL ``Autoencoder`` over rows x cols cells of ``scale`` px:
     the encoder (input (1, 3, H, W) in [-1, 1], output the unscaled posterior mean) or the decoder
-    (input the unscaled latents, output images nominally [-1, 1])."""
-    if decode:
-        return KLNetCache(KLPath(model.decoder, model.post_quant_conv, rows, cols), scale, threshold, model.device)
-    return KLNetCache(KLPath(model.encoder, model.quant_conv, rows, cols), scale, threshold, model.device)
+    (input the unscaled latents, output images nominally [-1, 1]). ``sync_free``: the device
+    decision path (``SparseNetCache``)."""
+    path = (KLPath(model.decoder, model.post_quant_conv, rows, cols) if decode
+            else KLPath(model.encoder, model.quant_conv, rows, cols))
+    return KLNetCache(path, scale, threshold, model.device, sync_free)

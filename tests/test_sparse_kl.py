@@ -271,3 +271,32 @@ def test_statistics_check_on_large_buffers_compares_the_same_sampled_pixels():
     enc(frames[1:])
     assert 0 < enc.net.stats_moved() <= STAT_FACTOR * 2 / 255 and enc.net.stat_refreshes == 0
     assert 0 < enc.stats.flops_per_frame[1] < 0.5  # the attention (dense, 1024 tokens) is most of it
+
+
+def test_device_path_matches_the_host_path():
+    """sync_free=True (CUDA's decision path, run here on the CPU) on a KL model (frozen GroupNorms,
+    the mid-block attention merged per cell, downsample steps): the host path's output and cells,
+    one wait per frame for the counts and one for the statistics check."""
+    from test_sparse_cache import SyncCounter, blinking_object
+
+    model = small(tame=True)
+    frames = blinking_object(6, 96, 128)
+    host = SparseEncoderCache(model, 96, 128, "2", prepare=prepare(model), sync_free=False)
+    device = SparseEncoderCache(model, 96, 128, "2", prepare=prepare(model), sync_free=True)
+    za = host(frames)
+    zb = device(frames[:3])  # a dense frame, then sparse ones (the first measures the counts on the host)
+    with SyncCounter() as counter:
+        zb = torch.cat([zb, device(frames[3:])])
+    assert device.net.sync_free and device.stats.deferred == 0
+    assert torch.allclose(za, zb, atol=1e-6)
+    assert counter.waits == ["_to_copy.default", "_local_scalar_dense.default"] * 3
+    assert all(0 < f < 1 for f in device.stats.flops_per_frame[1:])
+    assert all(a <= b for a, b in zip(host.stats.flops_per_frame, device.stats.flops_per_frame))  # capacity >= need
+    pairs = [(int(d), h) for d, h in zip(device.net.counts, host.net.counts) if d >= 0 and h < device.net.cells]
+    assert len(pairs) >= 5 and all(d == h for d, h in pairs)  # the same cells needed at every step
+    z = dense_encode(model, smooth_clip(1, 192, 256)).repeat(6, 1, 1, 1)  # 24 x 32 latent cells
+    z[1::2, :, 10, 14] += 0.05  # a blinking latent cell (the statistics stay within tolerance)
+    dec_host = SparseDecoderCache(model, 24, 32, "4", sync_free=False)
+    dec_device = SparseDecoderCache(model, 24, 32, "4", sync_free=True)
+    assert torch.allclose(dec_host(z), dec_device(z), atol=1e-5) and dec_device.stats.deferred == 0
+    assert all(0 < f < 1 for f in dec_device.stats.flops_per_frame[1:]) and dec_device.net.stat_refreshes == 0

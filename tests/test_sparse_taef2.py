@@ -290,10 +290,3 @@ def test_device_path_matches_the_host_path_and_waits_twice_per_frame():
     x = dec(z)
     assert dec.net.stat_refreshes == 1 and torch.equal(x[2], x[1])
     assert torch.allclose(x[3:], dense_decode(model, z[3:]), atol=1e-5, rtol=1e-4)
-
-
-def test_kl_models_refuse_the_device_path():
-    torch.manual_seed(0)
-    kl = build("sd15", block_out_channels=(8, 8, 16, 16), norm_num_groups=4, layers_per_block=1)
-    with pytest.raises(ValueError, match="sync_free"):
-        SparseEncoderCache(kl, 32, 48, "2", prepare=prepare(kl), sync_free=True)
