@@ -323,6 +323,7 @@ class SparseNetCache:
         self.cells = rows * cols
         self.buffers: list[torch.Tensor | None] = [None] * len(self.channels)
         self.tau: list[torch.Tensor | None] = [None] * len(self.channels)  # per-buffer change threshold
+        self.tau_stale = True  # tau not yet measured on the buffers of the last refresh
         self._index: dict[tuple[int, int], _CellIndex] = {}
         self.dense_flops = self.cells * sum(s.flops_per_cell() for s in self.steps)
         # device path: cells deferred per step, and the last sparse frame's counts (device tensors)
@@ -368,10 +369,17 @@ class SparseNetCache:
             res = self.buffers[st.residual] if st.residual is not None else None
             y = _nhwc(st.dense(self.buffers[st.src], res))
             self.buffers[st.dst] = y
-            if self.threshold:  # from a cheap estimate of the activations' magnitude (every 4th px)
-                self.tau[st.dst] = ACT_FACTOR * self.threshold / 255.0 * y[..., ::4, ::4].abs().mean()
+        self.tau_stale = True  # measured by the next sparse frame: a clip of cuts never pays for it
         self.pending = [None] * len(self.steps)
         return self.buffers[-1], self.dense_flops
+
+    def _measure_tau(self) -> None:
+        """Each buffer's change threshold from its activations at the last refresh (a cheap
+        estimate of their magnitude, every 4th px): still the buffers the dense pass left."""
+        for st in self.steps:
+            y = self.buffers[st.dst]
+            self.tau[st.dst] = ACT_FACTOR * self.threshold / 255.0 * y[..., ::4, ::4].abs().mean()
+        self.tau_stale = False
 
     def sparse(self, x: torch.Tensor, changed: torch.Tensor, capacity: list[int] | None = None
                ) -> tuple[torch.Tensor, int]:
@@ -381,6 +389,8 @@ class SparseNetCache:
         # the host path keeps its cell masks on the host (numpy: a tenth of torch's cost per op on
         # arrays of a few thousand cells); the device path on the device
         host = capacity is None
+        if self.threshold and self.tau_stale:
+            self._measure_tau()
         masks: list = [None] * len(self.buffers)
         self.buffers[0], masks[0] = x, changed.cpu().numpy() if host else changed
         flops = 0
