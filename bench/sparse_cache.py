@@ -8,9 +8,17 @@ repetitions, each a fresh pass over the clip), both wall time and the process's 
 ``--threads 1`` the CPU time is the work done, whatever else the machine runs).
 PSNR of the decoded frames against `off`'s decoded frames and against the source.
 
-    PYTHONPATH=$PWD python bench/sparse_cache.py --frames 24 --reps 2 --out bench/results/sparse_cache
+The tables in bench/results (a small crop raises the share of the frame that moves and of the
+fixed cost per layer: 480x272 is the hard case, 1280x720 the usual one):
+
+    PYTHONPATH=$PWD python bench/sparse_cache.py --frames 16 --reps 2 --crop 1280x720 \
+        --modes exact 2 4 8 --out bench/results/sparse_cache
+    PYTHONPATH=$PWD python bench/sparse_cache.py --frames 32 --reps 2 --crop 480x272 \
+        --modes exact 2 3 4 8 16 --out bench/results/sparse_cache_480x272
+    PYTHONPATH=$PWD python bench/sparse_cache.py --clips smpte-2997.mp4 --frames 16 --reps 2 \
+        --crop 1920x1080 --modes 4 --out bench/results/sparse_cache_smpte_1080p
     PYTHONPATH=$PWD python bench/sparse_cache.py --model ../shared/data/weights/taef2_encoder.pth \
-        --out bench/results/sparse_cache_taef2
+        --frames 16 --reps 2 --crop 480x272 --modes exact 2 4 8 --out bench/results/sparse_cache_taef2
 """
 
 from __future__ import annotations
