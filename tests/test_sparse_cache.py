@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sparse_helpers import dense_encode, dilate, prepare, static_clip
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
 from codec.models import build
 from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported, cell_change
-
-
-def prepare(model):
-    return lambda t: kernels.frames_to_input(t, dtype=model.dtype, channels_last=True)
 
 
 def small(resample="shuffle", seed=0, linear=False):
@@ -28,23 +24,6 @@ def small(resample="shuffle", seed=0, linear=False):
                     if m.bias is not None:
                         m.bias.fill_(10.0)
     return model
-
-
-def dense_encode(model, frames):
-    return torch.cat([model.encode(prepare(model)(frames[i:i + 1])) for i in range(len(frames))])
-
-
-def static_clip(n, h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    frame = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return frame[None].repeat(n, 1, 1, 1)
-
-
-def dilate(mask, k):
-    m = mask[None, None].float()
-    for _ in range(k):
-        m = F.max_pool2d(m, 3, 1, 1)
-    return m[0, 0] > 0
 
 
 @pytest.mark.parametrize("resample", ["shuffle", "nearest"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sparse_helpers import dense_decode, dense_encode, dilate, prepare, smooth_clip, static_clip
 
-import kernels
 from codec.models import build
 from codec.models.kl import Attention, ResnetBlock
 from codec.sparse_cache import SparseDecoderCache, SparseEncoderCache, Unsupported
@@ -30,34 +30,6 @@ def small(name="sd15", seed=0, tame=False):
                 elif isinstance(m, Attention):
                     m.to_out[0].weight.mul_(0.1)
     return model
-
-
-def prepare(model):
-    return lambda t: kernels.frames_to_input(t, dtype=model.dtype, channels_last=True)
-
-
-def dense_encode(model, frames):
-    return torch.cat([model.encode(prepare(model)(frames[i:i + 1])) for i in range(len(frames))])
-
-
-def dense_decode(model, z):
-    return torch.cat([model.decode(z[i:i + 1]) for i in range(len(z))])
-
-
-def static_clip(n, h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)[None].repeat(n, 1, 1, 1)
-
-
-def smooth_clip(n, h, w):
-    """Gradients (no texture): a block changed on it moves the frame statistics predictably."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    f = torch.stack([60 + 80 * xx / w, 60 + 80 * yy / h, 100 + 0 * xx], -1)
-    return f.round().to(torch.uint8)[None].repeat(n, 1, 1, 1)
-
-
-def dilate(mask):
-    return F.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0
 
 
 def reach(net, changed):
