@@ -55,9 +55,9 @@ from .models.tiny import Block, Clamp
 CELL = 8  # px per cell at the model's full resolution (one latent cell)
 MAX_FACTOR = 4.0  # a 2x2-pooled window may change by MAX_FACTOR * T before its cell counts as changed
 PERSIST_FACTOR = 0.5  # a change that persists counts from PERSIST_FACTOR * T (see cell_change)
-# Past half the cells, a packed pass costs about what the dense one does on the CPU (measured on
-# 480x272 crops, default model: squirrel T=4 0.85x of off at 0.3, 0.87x at 0.5, with FLOPs 0.81
-# -> 0.49; taef2's decoder on smpte 1.00 -> 0.45 of the FLOPs, 1.01x -> 0.76x of off's time)
+# Past half the cells, a packed pass costs about what the dense one does on the CPU (same-run
+# A/B on 480x272 crops, default model, T=4: squirrel 0.85x of off at 0.3, 0.87x at 0.5, with
+# FLOPs 0.81 -> 0.49; smpte 0.39x -> 0.37x)
 CUT_FRACTION = 0.5  # more cells than this to recompute at the first conv: scene cut, dense refresh
 DENSE_FRACTION = 0.5  # a conv recomputing more cells than this runs densely, and the rest of the network
 ACT_FACTOR = 0.25  # layer threshold = ACT_FACTOR * T/255 * mean |activation| at the last refresh
@@ -135,7 +135,7 @@ class ConvStep:
         weight, bias, stride = self._kernel
         weight, bias = weight.to(patches.dtype), bias if bias is None else bias.to(patches.dtype)
         if p == weight.shape[-1]:  # one output px per cell: the patch is its own im2col
-            w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()  # (K K Cin, Cout)
+            w = self._matrix.to(patches.dtype)
             x = patches.reshape(b, -1)
             y = (torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)).view(b, 1, 1, -1)
         else:
@@ -165,6 +165,12 @@ class ConvStep:
             b = None if b is None else b.reshape(c, 4).t().reshape(-1)
             return w, b, 1
         return w, b, self.conv.stride[0]
+
+    @cached_property
+    def _matrix(self) -> torch.Tensor:
+        """``_kernel``'s weight as a (K K Cin, Cout) matrix, the rows in a patch's (y, x, c) order."""
+        w = self._kernel[0]
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).t()
 
 
 @dataclass

@@ -74,7 +74,8 @@ class ClipEncoder:
         self.weights = weights_digest(model)
         # What changes the latents besides the source and the weights; the model's path does not.
         opts = {k: v for k, v in asdict(settings).items() if k not in ("model", "device", "dtype", "cuda_graphs")}
-        opts.update(rules=CODER_RULES, device=torch.device(self.device).type, dtype=str(self.dtype).removeprefix("torch."),
+        opts.update(rules=CODER_RULES, device=torch.device(self.device).type,
+                    dtype=str(self.dtype).removeprefix("torch."),
                     family=model.family, latent_channels=model.latent_channels,
                     scaling_factor=model.scaling_factor, shift_factor=model.shift_factor)
         self.options = options_digest(opts)
